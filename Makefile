@@ -1,0 +1,36 @@
+# Two commands do all set-up: `make run` (the embedded default) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-all lint bench clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is rebuilt only when pyproject.toml changes.
+# The CPU build of torch goes in first; a looser spec would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/alignflow $(ARGS)
+
+test: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_pipeline.py
+
+clean:
+	rm -rf mlruns .alignflow outputs multirun

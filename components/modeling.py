@@ -1,0 +1,108 @@
+"""Tokenizers and models: build the tiny embedded model from a config, load any checkpoint like a hub model.
+
+The embedded default trains a small BPE tokenizer on the task corpus and builds a randomly initialised causal LM
+from an architecture dict, then saves both as an ordinary Hugging Face checkpoint. Every later stage loads models
+only through `from_pretrained`, so a hub id, a local checkpoint and the embedded model take the same path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a BPE tokenizer (Metaspace pre-tokenisation, so decoding restores spaces) on `corpus`.
+
+    Pad differs from EOS: sequence-classification heads find the last real token through the pad id.
+    """
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()))
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    fast.padding_side = "left"  # generation pads on the left; trainers set their own side when they need to
+    return fast
+
+
+def build_causal_lm(arch: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    """Build a randomly initialised causal LM from an architecture dict (`model_type` plus its config keys)."""
+    arch = dict(arch)
+    config = AutoConfig.for_model(
+        arch.pop("model_type"),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **arch,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+    )
+    return model
+
+
+def build_base_checkpoint(
+    corpus: Iterable[str], arch: dict[str, Any], vocab_size: int, seed: int, out_dir: str | Path
+) -> str:
+    """Train a tokenizer on `corpus`, build a model from `arch`, and save both as a Hugging Face checkpoint."""
+    tokenizer = train_tokenizer(corpus, vocab_size)
+    model = build_causal_lm(arch, tokenizer, seed)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad (left, for generation) without reusing EOS where avoidable."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # hub models such as GPT-2 ship without a pad token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a causal LM (hub id or local checkpoint) with its pad token id set."""
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_reward_model(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a sequence-classification model with one output: the scalar reward."""
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters, for logging the model size."""
+    return sum(p.numel() for p in model.parameters())
