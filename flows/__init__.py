@@ -1,0 +1,15 @@
+"""Prefect flows and tasks that orchestrate alignflow's stages (components/ holds the stage code itself).
+
+Prefect reads its settings at import time, so the quiet, reliable defaults measured in NOTES-stack are set here,
+before anything imports prefect; a user's own environment still wins.
+"""
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry caused "database is locked"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 2 processes need > 20 s
+os.environ.setdefault("PREFECT_LOGGING_LOGGERS_HTTPX_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")

@@ -1,0 +1,36 @@
+"""Glue between Hugging Face trainers and alignflow's stage logging.
+
+Trainers report through `on_log(step, metrics)`, the same callable our own PPO loop uses, so progress printing
+and metric tracking live in one place (the flow) and components stay free of tracking code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from transformers import TrainerCallback
+
+StepLogger = Callable[[int, dict[str, float]], None]
+
+
+class ForwardLogs(TrainerCallback):
+    """Forward the trainer's logged numbers, renamed `<prefix>/<name>`, to `on_log` with the global step."""
+
+    def __init__(self, prefix: str, on_log: StepLogger | None) -> None:
+        self.prefix = prefix
+        self.sink = on_log
+        self.total_steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D401 - HF callback signature
+        self.total_steps = state.max_steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.sink is None or not logs:
+            return
+        numbers = {
+            f"{self.prefix}/{k.removeprefix('train_')}": float(v)
+            for k, v in logs.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        numbers[f"{self.prefix}/total_steps"] = float(self.total_steps)
+        self.sink(state.global_step, numbers)

@@ -1,0 +1,170 @@
+"""What each stage task does: read upstream artifacts, call one components/ function, log to its MLflow run.
+
+Each body takes (spec, stage_dir, run_id) and returns its metrics; `flows.stages.execute` handles the cache
+marker and the child run around it. Bodies are the only place that knows how stage directories are laid out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from datasets import Dataset
+from hydra.utils import instantiate
+
+from flows.progress import StageLogger
+
+SPLITS = ("sft", "preference", "preference_eval", "prompts", "eval_prompts")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_split(data_result: dict[str, Any], split: str) -> Dataset:
+    """One split written by prepare_data."""
+    return Dataset.from_json(str(Path(data_result["path"]) / f"{split}.jsonl"))
+
+
+def _log_split(ds: Dataset, name: str, path: Path, split: str) -> None:
+    context = "eval" if "eval" in split else "training"
+    dataset = mlflow.data.from_huggingface(ds, path=str(path), name=f"{name}/{split}")
+    mlflow.log_input(dataset, context=context)
+
+
+def prepare_data_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """Build (embedded) or load (files/hub) every split, validate, write JSONL, log as MLflow datasets."""
+    from components.embedded import build_embedded_splits, embedded_stats
+
+    cfg = spec["config"]
+    if cfg["source"] == "embedded":
+        splits = {k: Dataset.from_list(v) for k, v in build_embedded_splits(**cfg["embedded"]).items()}
+        stats = embedded_stats({k: v.to_list() for k, v in splits.items()},
+                               cfg["embedded"]["annotator_temperature"])
+    else:
+        from components.data import load_file_splits
+
+        splits, stats = load_file_splits(cfg), {}
+    metrics = {f"data/{k}": float(v) for k, v in stats.items()}
+    if "preference_eval_bayes_ceiling" in stats:  # the ceiling of held-out reward-model accuracy
+        metrics["data/bayes_ceiling"] = float(stats["preference_eval_bayes_ceiling"])
+    for split in SPLITS:
+        path = stage_dir / f"{split}.jsonl"
+        splits[split].to_json(str(path), lines=True, force_ascii=False)
+        _log_split(splits[split], cfg["name"], path, split)
+        metrics[f"data/n_{split}"] = float(len(splits[split]))
+    (stage_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    return metrics
+
+
+def _base_model(spec: dict[str, Any], stage_dir: Path) -> str:
+    from components.embedded import corpus
+    from components.modeling import build_base_checkpoint, count_parameters, load_causal_lm
+
+    model = spec["config"]["model"]
+    if model["name_or_path"]:
+        return model["name_or_path"]
+    data = spec["upstream"]["data"]
+    texts = corpus({s: load_split(data, s).to_list() for s in SPLITS})
+    path = build_base_checkpoint(texts, model["init"]["arch"], model["init"]["vocab_size"],
+                                 spec["config"]["seed"], stage_dir / "base")
+    mlflow.log_metric("sft/n_parameters", count_parameters(load_causal_lm(path)))
+    return path
+
+
+def train_sft_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """Build the embedded base model if asked, then fine-tune it on the demonstrations with TRL."""
+    from components.sft import train_sft
+
+    cfg = spec["config"]["sft"]
+    train = load_split(spec["upstream"]["data"], "sft")
+    if cfg["max_train_samples"]:
+        train = train.select(range(min(cfg["max_train_samples"], len(train))))
+    args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
+    logger = StageLogger("sft", run_id, None, "sft/loss")
+    metrics = train_sft(_base_model(spec, stage_dir), train, args, stage_dir / "model", logger)
+    _log_model_dir(spec, stage_dir / "model")
+    return metrics
+
+
+def train_reward_model_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """Train the reward model from the SFT checkpoint (or a given one); measure held-out pairwise accuracy."""
+    from components.reward import pairwise_accuracy, train_reward_model
+    from components.scoring import RewardScorer
+
+    cfg = spec["config"]["reward"]
+    data = spec["upstream"]["data"]
+    init = cfg["model_name_or_path"] or str(Path(spec["upstream"]["sft"]["path"]) / "model")
+    pairs = load_split(data, "preference").select_columns(["prompt", "chosen", "rejected"])
+    args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
+    logger = StageLogger("reward", run_id, None, "reward/loss")
+    metrics = train_reward_model(init, pairs, args, stage_dir / "model", logger)
+    scorer = RewardScorer(str(stage_dir / "model"), resolve_device(spec["config"]["device"]), None)
+    metrics |= pairwise_accuracy(scorer, load_split(data, "preference_eval"), cfg["score_batch_size"])
+    ceiling = data["metrics"].get("data/bayes_ceiling")
+    if ceiling is not None:
+        metrics["reward/bayes_ceiling"] = ceiling
+    _log_model_dir(spec, stage_dir / "model")
+    return metrics
+
+
+def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """PPO from the SFT checkpoint against the trained reward model."""
+    from components.ppo import PPOSettings, train_ppo
+    from components.scoring import RewardScorer
+    from flows.config import ppo_settings_kwargs
+
+    rl = spec["config"]["rl"]
+    device = resolve_device(spec["config"]["device"])
+    scorer = RewardScorer(str(Path(spec["upstream"]["reward"]["path"]) / "model"), device, None)
+    prompts = list(load_split(spec["upstream"]["data"], "prompts")["prompt"])
+    logger = StageLogger("ppo", run_id, rl["total_updates"], "ppo/mean_reward")
+
+    def reward_fn(p: list[str], c: list[str]) -> list[float]:
+        return scorer.score(p, c, rl["reward_batch_size"])
+
+    settings = PPOSettings(**ppo_settings_kwargs(rl))
+    sft_path = str(Path(spec["upstream"]["sft"]["path"]) / "model")
+    metrics = train_ppo(sft_path, prompts, reward_fn, settings, str(stage_dir / "model"), logger)
+    _log_model_dir(spec, stage_dir / "model")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def evaluate_policy_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """Compare the policy with SFT on held-out prompts; log metrics and a table of sample texts."""
+    from components.evaluate import EvalSettings, compare_policies
+    from components.scoring import RewardScorer
+
+    cfg, up = spec["config"]["eval"], spec["upstream"]
+    device = resolve_device(spec["config"]["device"])
+    prompts = list(load_split(up["data"], "eval_prompts")["prompt"])[: cfg["max_prompts"] or None]
+    scorer = RewardScorer(str(Path(up["reward"]["path"]) / "model"), device, None) if "reward" in up else None
+    settings = EvalSettings(cfg["max_new_tokens"], cfg["temperature"], cfg["batch_size"], cfg["seed"])
+    metrics, rows = compare_policies(str(Path(up["policy"]["path"]) / "model"),
+                                     str(Path(up["sft"]["path"]) / "model"), prompts, settings, device,
+                                     scorer, _gold_fn(spec["config"]["gold"]))
+    (stage_dir / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    mlflow.log_table(pd.DataFrame(rows[: cfg["n_table_rows"]]), "samples.json")
+    return metrics
+
+
+def _gold_fn(gold: str | None):
+    if gold is None:
+        return None
+    if gold != "embedded":
+        raise ValueError(f"config field `data.gold` = {gold!r} is unknown: use `embedded` or null")
+    from components.embedded import gold_rewards
+
+    return lambda prompts, completions: gold_rewards(completions)
+
+
+def _log_model_dir(spec: dict[str, Any], model_dir: Path) -> None:
+    if spec["options"]["log_models"]:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")

@@ -1,0 +1,49 @@
+"""Terminal progress for long stages (step/total, ETA, key metric) and the end-of-run summary table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flows.tracking import log_metrics
+
+log = logging.getLogger("alignflow")
+
+
+class StageLogger:
+    """`on_log(step, metrics)` for a stage: logs the numbers to its MLflow run and prints progress with an ETA."""
+
+    def __init__(self, stage: str, run_id: str, total: int | None, key_metric: str, every_s: float = 5.0) -> None:
+        self.stage, self.run_id, self.total, self.key_metric = stage, run_id, total, key_metric
+        self.every_s = every_s
+        self.start = time.monotonic()
+        self.last_print = 0.0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        total = int(metrics.pop(f"{self.stage}/total_steps", 0) or self.total or 0)
+        log_metrics(self.run_id, metrics, step)
+        now = time.monotonic()
+        done = step >= total > 0
+        if now - self.last_print < self.every_s and not done:
+            return
+        self.last_print = now
+        elapsed = now - self.start
+        eta = f"eta {elapsed / step * (total - step):5.0f}s" if step and total else ""
+        value = metrics.get(self.key_metric)
+        shown = f"{self.key_metric}={value:.4f}" if value is not None else ""
+        of_total = f"/{total} ({100 * step / total:3.0f}%)" if total else ""
+        log.info("[%s] step %d%s %s %s elapsed %.0fs", self.stage, step, of_total, shown, eta, elapsed)
+
+
+def summary_table(results: list[dict[str, Any]], headline: dict[str, list[str]]) -> str:
+    """A plain-text table: one row per stage with cache status, time and its headline metrics."""
+    rows = [("stage", "cached", "seconds", "key", "metrics")]
+    for r in results:
+        names = headline.get(r["stage"], [])
+        shown = "  ".join(f"{n}={r['metrics'][n]:.4g}" for n in names if n in r["metrics"])
+        rows.append((r["stage"], "yes" if r["cached"] else "no", f"{r['seconds']:.1f}", r["key"][:10], shown))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+             for row in rows]
+    return "\n".join([lines[0], "-" * max(len(line) for line in lines), *lines[1:]])

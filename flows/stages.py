@@ -1,0 +1,97 @@
+"""Prefect tasks, one per stage: each wraps one components/ function and returns a small JSON-able result.
+
+Every task takes a `spec` (stage name, content key, output directory, its config slice, upstream results) and a
+`run` (MLflow experiment and parent ids). The Prefect cache key is the stage key; `execute` adds the second layer
+of the design: a finished stage directory (DONE marker) is reused even if Prefect's result store is gone, and an
+unfinished one is wiped and rebuilt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from flows.cache import fresh_stage_dir, read_done, write_done
+from flows.tracking import log_metrics, stage_run
+
+Body = Callable[[dict[str, Any], Path, str], dict[str, float]]
+
+
+def record_cached(result: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Give a reused stage its own child run (tagged cached, pointing at the producer) with metrics copied."""
+    with stage_run(run["experiment_id"], run["parent_run_id"], result["stage"], result["key"], cached=True,
+                   source_run_id=result["mlflow_run_id"]) as run_id:
+        log_metrics(run_id, result["metrics"])
+    return {**result, "cached": True}
+
+
+def execute(spec: dict[str, Any], run: dict[str, Any], body: Body) -> dict[str, Any]:
+    """Run `body` into the stage directory unless a DONE marker says it already finished."""
+    stage_dir = Path(spec["dir"])
+    done = read_done(stage_dir)
+    if done is not None:
+        return record_cached(done, run)
+    fresh_stage_dir(stage_dir)
+    start = time.monotonic()
+    with stage_run(run["experiment_id"], run["parent_run_id"], spec["stage"], spec["key"], cached=False) as rid:
+        metrics = {k: float(v) for k, v in body(spec, stage_dir, rid).items()}
+        seconds = time.monotonic() - start
+        metrics[f"{spec['stage']}/seconds"] = seconds
+        log_metrics(rid, metrics)
+        result = {"stage": spec["stage"], "key": spec["key"], "path": str(stage_dir), "metrics": metrics,
+                  "mlflow_run_id": rid, "seconds": seconds, "cached": False}
+        write_done(stage_dir, result)
+    return result
+
+
+def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return parameters["spec"]["key"]
+
+
+def stage_task(name: str):
+    """Decorator for a stage task: cache keyed by the stage key, results persisted as JSON (never pickles)."""
+    return task(name=name, cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
+
+
+@stage_task("prepare_data")
+def prepare_data(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Build or load the SFT, preference and prompt splits, validate them, and log them as MLflow datasets."""
+    from flows.bodies import prepare_data_body
+
+    return execute(spec, run, prepare_data_body)
+
+
+@stage_task("train_sft")
+def train_sft(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Supervised fine-tuning (TRL SFTTrainer) of the base model on the demonstrations."""
+    from flows.bodies import train_sft_body
+
+    return execute(spec, run, train_sft_body)
+
+
+@stage_task("train_reward_model")
+def train_reward_model(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Reward model (TRL RewardTrainer) on preference pairs, with held-out accuracy vs the Bayes ceiling."""
+    from flows.bodies import train_reward_model_body
+
+    return execute(spec, run, train_reward_model_body)
+
+
+@stage_task("train_ppo")
+def train_ppo(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Our PPO against the reward model with a KL penalty to the frozen SFT reference."""
+    from flows.bodies import train_ppo_body
+
+    return execute(spec, run, train_ppo_body)
+
+
+@stage_task("evaluate_policy")
+def evaluate_policy(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Held-out comparison of the trained policy against SFT: proxy and gold reward, win rate, KL, samples."""
+    from flows.bodies import evaluate_policy_body
+
+    return execute(spec, run, evaluate_policy_body)

@@ -1,0 +1,132 @@
+"""MLflow run tree: experiment → (sweep parent) → pipeline run → one child run per stage.
+
+Runs are created with explicit ids through MlflowClient, so nothing depends on MLflow's thread-local "active
+run" across Prefect tasks; a stage body activates only its own child run (for `log_input`, tables, artifacts).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+STACK = ["alignflow", "torch", "transformers", "trl", "datasets", "prefect", "hydra-core", "mlflow", "pandas"]
+
+
+def init_tracking(tracking: dict[str, Any]) -> str:
+    """Point MLflow at the configured store and return the experiment id (created with an explicit location)."""
+    Path(tracking["artifact_root"]).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking["tracking_uri"])
+    client = MlflowClient()
+    name = tracking["experiment_name"]
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (Path(tracking["artifact_root"]) / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config into dotted keys for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def git_commit() -> str:
+    """The repository's current commit (with '-dirty' for uncommitted changes), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_DIR, capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if sha.returncode:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the stack, logged with every pipeline run."""
+    found = {}
+    for name in STACK:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def start_pipeline_run(experiment_id: str, cfg: dict[str, Any], overrides: list[str], tags: dict[str, str],
+                       parent_run_id: str | None) -> str:
+    """Create the pipeline's parent run with params, composed YAML, git commit and package versions."""
+    client = MlflowClient()
+    all_tags = {"alignflow.pipeline": cfg["pipeline"]["name"], "alignflow.overrides": json.dumps(overrides),
+                "mlflow.source.git.commit": git_commit(), **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run_name = f"{cfg['pipeline']['name']} " + " ".join(overrides) if overrides else cfg["pipeline"]["name"]
+    run = client.create_run(experiment_id, run_name=run_name[:250], tags=all_tags)
+    params = [mlflow.entities.Param(k, v) for k, v in flatten(cfg).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (Path(tmp) / "packages.json").write_text(json.dumps(package_versions(), indent=2))
+        client.log_artifact(run.info.run_id, str(Path(tmp) / "config.yaml"))
+        client.log_artifact(run.info.run_id, str(Path(tmp) / "packages.json"))
+    return run.info.run_id
+
+
+def end_run(run_id: str, ok: bool) -> None:
+    """Close a run created by this module."""
+    MlflowClient().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def get_or_create_sweep_run(experiment_id: str, sweep_id: str, overrides: list[str]) -> str:
+    """The parent run shared by every job of one `-m` sweep (found by its tag, created by the first job)."""
+    client = MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=f"tags.`alignflow.sweep` = '{sweep_id}'",
+                               max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"sweep {Path(sweep_id).name}",
+                            tags={"alignflow.sweep": sweep_id, "alignflow.overrides": json.dumps(overrides)})
+    return run.info.run_id
+
+
+@contextmanager
+def stage_run(experiment_id: str, parent_run_id: str, stage: str, key: str, cached: bool,
+              source_run_id: str | None = None) -> Iterator[str]:
+    """A child run for one stage, active (fluent API) inside the block; FAILED if the block raises."""
+    tags = {"mlflow.parentRunId": parent_run_id, "alignflow.stage": stage, "alignflow.key": key,
+            "alignflow.cached": str(cached).lower()}
+    if source_run_id:
+        tags["alignflow.source_run"] = source_run_id
+    run = MlflowClient().create_run(experiment_id, run_name=stage, tags=tags)
+    with mlflow.start_run(run_id=run.info.run_id):
+        yield run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    """Log plain numbers to a run (skipping non-numeric values)."""
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    entities = [mlflow.entities.Metric(k, v, int(__import__("time").time() * 1000), step or 0)
+                for k, v in clean.items()]
+    if entities:
+        MlflowClient().log_batch(run_id, metrics=entities)

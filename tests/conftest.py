@@ -1,0 +1,37 @@
+"""Shared test fixtures: one Prefect test harness per session, isolated stores, a quiet torch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import flows  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server + database for the whole session (started only by tests that run flows)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An isolated alignflow root (artifacts, mlruns, results) for one test."""
+    monkeypatch.setenv("ALIGNFLOW_ROOT", str(tmp_path / "root"))
+    return tmp_path / "root"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Tests never touch the network: hub loads must come from local files."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    yield
+    os.environ.pop("MLFLOW_RUN_ID", None)
