@@ -18,7 +18,14 @@ from prefect.runtime import flow_run
 from flows.cache import read_done, stage_key
 from flows.config import compose_config, validate_config
 from flows.progress import summary_table
-from flows.stages import evaluate_policy, prepare_data, record_cached, train_ppo, train_reward_model, train_sft
+from flows.stages import (
+    evaluate_policy,
+    prepare_data,
+    record_cached,
+    train_ppo,
+    train_reward_model,
+    train_sft,
+)
 from flows.tracking import end_run, init_tracking, log_metrics, start_pipeline_run
 
 log = logging.getLogger("alignflow")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from prefect import task
 
 from flows.cache import fresh_stage_dir, read_done, write_done
@@ -41,7 +42,8 @@ def execute(spec: dict[str, Any], run: dict[str, Any], body: Body) -> dict[str, 
         metrics = {k: float(v) for k, v in body(spec, stage_dir, rid).items()}
         seconds = time.monotonic() - start
         metrics[f"{spec['stage']}/seconds"] = seconds
-        log_metrics(rid, metrics)
+        already = MlflowClient().get_run(rid).data.metrics  # curves logged step by step stay as they are
+        log_metrics(rid, {k: v for k, v in metrics.items() if k not in already})
         result = {"stage": spec["stage"], "key": spec["key"], "path": str(stage_dir), "metrics": metrics,
                   "mlflow_run_id": rid, "seconds": seconds, "cached": False}
         write_done(stage_dir, result)

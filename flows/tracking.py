@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -50,10 +51,11 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def git_commit() -> str:
     """The repository's current commit (with '-dirty' for uncommitted changes), or 'unknown'."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_DIR, capture_output=True, text=True,
-                               timeout=10)
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if sha.returncode:
@@ -125,8 +127,8 @@ def stage_run(experiment_id: str, parent_run_id: str, stage: str, key: str, cach
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     """Log plain numbers to a run (skipping non-numeric values)."""
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    entities = [mlflow.entities.Metric(k, v, int(__import__("time").time() * 1000), step or 0)
-                for k, v in clean.items()]
+    now = int(time.time() * 1000)
+    entities = [mlflow.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)]
     if entities:
         MlflowClient().log_batch(run_id, metrics=entities)

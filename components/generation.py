@@ -1,0 +1,206 @@
+"""Sample completions from a causal LM and score the log-probabilities of completion tokens.
+
+Shared by PPO (rollouts, policy and reference log-probabilities) and by evaluation (samples, KL to the SFT
+model). A batch is laid out as `[pad… prompt | completion pad…]`: prompts are left-padded, completions
+right-padded, so every row's completion starts at the same column `n_prompt`. Position ids always come from
+the attention mask, so a left-padded row is scored exactly like the same row without padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class Rollout:
+    """Sampled completions for a batch of prompts (tensors live on the model's device).
+
+    `completion_mask` is 1 for real completion tokens, the EOS token included, and 0 after it;
+    `completion_ids` holds the pad id wherever the mask is 0.
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, T) right-padded
+    completion_mask: torch.Tensor  # (B, T)
+    ended_with_eos: torch.Tensor  # (B,) bool
+    texts: list[str]  # decoded completions, special tokens skipped
+
+    @property
+    def n_prompt(self) -> int:
+        """Width of the (left-padded) prompt block: the column where completions start."""
+        return self.prompt_ids.shape[1]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Prompt and completion ids side by side, shape (B, P + T)."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Attention mask for `input_ids`: prompt padding and tokens after EOS are 0."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Number of real completion tokens per row (EOS included)."""
+        return self.completion_mask.sum(dim=1)
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token log-probabilities (and optionally entropies) of completion tokens, 0 where masked."""
+
+    logprobs: torch.Tensor  # (B, T)
+    entropy: torch.Tensor | None  # (B, T) or None
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding: running count of real tokens minus one, clamped at 0."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def mask_after_eos(
+    completion_ids: torch.Tensor, eos_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each completion after its first EOS: returns (ids padded after EOS, mask incl. EOS, ended flags).
+
+    Works when pad equals EOS (hub GPT-2): only the first EOS counts.
+    """
+    is_eos = completion_ids == eos_token_id
+    ended = is_eos.any(dim=1)
+    width = completion_ids.shape[1]
+    first_eos = torch.where(
+        ended, is_eos.int().argmax(dim=1), torch.full_like(ended, width, dtype=torch.long)
+    )
+    columns = torch.arange(width, device=completion_ids.device)
+    mask = (columns[None, :] <= first_eos[:, None]).long()
+    return completion_ids.masked_fill(mask == 0, pad_token_id), mask, ended
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's global RNG for the block (HF sampling uses it), then restore the previous state."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _generate_chunk(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+) -> torch.Tensor:
+    """Plain ancestral sampling (no top-k/top-p/penalties) for one chunk; returns only the new tokens."""
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    return out[:, input_ids.shape[1] :]
+
+
+def sample_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    generator_seed: int | None,
+) -> Rollout:
+    """Sample one completion per prompt, `batch_size` prompts per `generate` call, with the KV cache.
+
+    Sampling is plain (top_k=0, top_p=1) so the tokens follow softmax(logits / temperature), the distribution
+    PPO's log-probabilities assume. `generator_seed` makes sampling reproducible without disturbing the
+    caller's RNG stream; None uses the global RNG as it stands.
+    """
+    device = model.device
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
+    chunks = []
+    with _seeded(generator_seed, device), torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            rows = slice(start, start + batch_size)
+            chunks.append(
+                _generate_chunk(
+                    model,
+                    tokenizer,
+                    enc.input_ids[rows],
+                    enc.attention_mask[rows],
+                    max_new_tokens,
+                    temperature,
+                )
+            )
+    width = max(chunk.shape[1] for chunk in chunks)
+    pad_id = tokenizer.pad_token_id
+    raw = torch.cat([F.pad(chunk, (0, width - chunk.shape[1]), value=pad_id) for chunk in chunks])
+    ids, mask, ended = mask_after_eos(raw, tokenizer.eos_token_id, pad_id)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return Rollout(enc.input_ids, enc.attention_mask, ids, mask, ended, texts)
+
+
+def completion_token_stats(
+    logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float,
+    return_entropy: bool,
+) -> TokenLogprobs:
+    """Log-probabilities of `completion_ids` under softmax(logits / temperature), plus entropy if asked.
+
+    `logits` are the ones that predict the completion tokens: shape (B, T, V), aligned with `completion_ids`.
+    """
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
+    entropy = None
+    if return_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(dim=-1) * completion_mask
+    return TokenLogprobs(logprobs, entropy)
+
+
+def sequence_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_prompt: int,
+    completion_mask: torch.Tensor,
+    temperature: float,
+    return_entropy: bool,
+) -> TokenLogprobs:
+    """Per-token log-probabilities of the completion tokens `input_ids[:, n_prompt:]` in one forward pass.
+
+    Prompts must be left-padded to width `n_prompt`; position ids come from the attention mask. Runs with
+    gradients if the caller has them enabled (wrap in `torch.no_grad()` for scoring only).
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+    )
+    logits = out.logits[:, n_prompt - 1 : -1]
+    return completion_token_stats(
+        logits, input_ids[:, n_prompt:], completion_mask, temperature, return_entropy
+    )

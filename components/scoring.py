@@ -1,0 +1,54 @@
+"""Score prompt/completion pairs with a trained sequence-classification reward model.
+
+Texts are scored as `prompt + completion + eos_token`, the way TRL's RewardTrainer saw them in training, and
+are re-tokenised with the reward model's own tokenizer, so a reward model with another vocabulary than the
+policy works. Padding is on the right so positions match unpadded training rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from components.modeling import load_reward_model, load_tokenizer
+
+
+class RewardScorer:
+    """A frozen reward model plus its tokenizer; `score` returns one float per (prompt, completion) pair."""
+
+    def __init__(self, path: str, device: str | torch.device, max_length: int | None) -> None:
+        """Load the reward model and tokenizer from `path` in eval mode on `device`.
+
+        `max_length` truncates long texts from the left (keeping the completion's end and its EOS), or None
+        for no truncation.
+        """
+        self.device = torch.device(device)
+        self.tokenizer = load_tokenizer(path)
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"
+        self.model = load_reward_model(path).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.max_length = max_length
+
+    def texts(self, prompts: list[str], completions: list[str]) -> list[str]:
+        """The exact strings the reward model sees: prompt + completion + EOS."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        eos = self.tokenizer.eos_token
+        return [p + c + eos for p, c in zip(prompts, completions, strict=True)]
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str], batch_size: int) -> list[float]:
+        """Reward for each pair, computed in batches of `batch_size` without gradients."""
+        texts = self.texts(prompts, completions)
+        scores: list[float] = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
