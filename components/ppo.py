@@ -154,9 +154,7 @@ def apply_missing_eos_penalty(
     return scores - penalty * (~ended_with_eos).to(scores.dtype)
 
 
-def build_token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
+def build_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards: -kl_coef * KL at every real token, plus the sequence score at the last one."""
     mask = mask.to(kl.dtype)
     rewards = -kl_coef * kl * mask
@@ -217,9 +215,7 @@ class ValueHeadModel(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         disable_dropout(self.lm)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits (B, L, V), values (B, L)); position ids come from the mask (left padding)."""
         out = self.lm(
             input_ids=input_ids,
@@ -439,38 +435,43 @@ def _collect(
 _STEP_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac", "grad_norm")
 
 
+def select_rows(batch: PPOBatch, rows: torch.Tensor) -> PPOBatch:
+    """Rows `rows` of `batch`, minus the columns that are padding in every one of them (saves compute).
+
+    Positions come from the attention mask, so dropping all-pad columns changes no row's log-probs.
+    """
+    attention_mask = batch.attention_mask[rows]
+    start = int(attention_mask[:, : batch.n_prompt].any(dim=0).int().argmax())  # first column used by a row
+    width = int(batch.completion_mask[rows].sum(dim=1).max())
+    columns = slice(start, batch.n_prompt + width)
+    return PPOBatch(
+        batch.input_ids[rows][:, columns], attention_mask[:, columns], batch.n_prompt - start,
+        *(tensor[rows][:, :width] for tensor in (
+            batch.completion_ids, batch.completion_mask, batch.old_logprobs, batch.old_values,
+            batch.advantages, batch.returns,
+        )),
+    )  # fmt: skip
+
+
 def _minibatch_step(
     policy: ValueHeadModel,
     optimizer: torch.optim.Optimizer,
     params: list[nn.Parameter],
-    batch: PPOBatch,
-    rows: torch.Tensor,
+    mini: PPOBatch,
     settings: PPOSettings,
 ) -> torch.Tensor:
-    """One clipped PPO step on rows `rows` of `batch`; returns its detached diagnostics (see _STEP_KEYS)."""
-    mask = batch.completion_mask[rows]
+    """One clipped PPO step on the mini-batch `mini`; returns its detached diagnostics (see _STEP_KEYS)."""
+    mask = mini.completion_mask
     logprobs, values, _ = policy_forward(
-        policy,
-        batch.input_ids[rows],
-        batch.attention_mask[rows],
-        batch.n_prompt,
-        mask,
-        settings.temperature,
-        False,
+        policy, mini.input_ids, mini.attention_mask, mini.n_prompt, mask, settings.temperature, False
     )
-    pg_loss, clipfrac, approx_kl = policy_loss(
-        logprobs, batch.old_logprobs[rows], batch.advantages[rows], mask, settings.cliprange
-    )
-    vf_loss, vf_clipfrac = value_loss(
-        values, batch.old_values[rows], batch.returns[rows], mask, settings.cliprange_value
-    )
+    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, mini.old_logprobs, mini.advantages, mask, settings.cliprange)
+    vf_loss, vf_clipfrac = value_loss(values, mini.old_values, mini.returns, mask, settings.cliprange_value)
     optimizer.zero_grad(set_to_none=True)
     (pg_loss + settings.vf_coef * vf_loss).backward()
     grad_norm = nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     optimizer.step()
-    return torch.stack(
-        [pg_loss.detach(), vf_loss.detach(), clipfrac, approx_kl, vf_clipfrac, grad_norm.detach()]
-    )
+    return torch.stack([pg_loss.detach(), vf_loss.detach(), clipfrac, approx_kl, vf_clipfrac, grad_norm.detach()])
 
 
 def _optimise(
@@ -488,7 +489,7 @@ def _optimise(
         order = torch.randperm(n_rows, generator=generator).to(batch.input_ids.device)
         for start in range(0, n_rows, settings.mini_batch_size):
             rows = order[start : start + settings.mini_batch_size]
-            steps.append(_minibatch_step(policy, optimizer, params, batch, rows, settings))
+            steps.append(_minibatch_step(policy, optimizer, params, select_rows(batch, rows), settings))
     means = torch.stack(steps).mean(dim=0).tolist()
     return {f"ppo/{key}": value for key, value in zip(_STEP_KEYS, means, strict=True)}
 

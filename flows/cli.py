@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         log.error("%s", err)
         raise SystemExit(2) from err
+    from components.data import DatasetValidationError
     from flows.pipeline import alignflow
     from flows.tracking import get_or_create_sweep_run, init_tracking
 
@@ -37,7 +38,11 @@ def main(cfg: DictConfig) -> float | None:
     if hc.mode == RunMode.MULTIRUN:
         tracking = OmegaConf.to_container(cfg.tracking, resolve=True)
         parent = get_or_create_sweep_run(init_tracking(tracking), hc.sweep.dir, overrides)
-    summary = alignflow(overrides=overrides, parent_run_id=parent)
+    try:
+        summary = alignflow(overrides=overrides, parent_run_id=parent)
+    except DatasetValidationError as err:  # the flow failed in prepare_data: nothing was trained
+        log.error("%s", err)
+        raise SystemExit(2) from err
     metrics = {k: v for stage in summary["stages"] for k, v in stage["metrics"].items()}
     return metrics.get("eval/win_rate_vs_sft")
 

@@ -8,10 +8,12 @@ import random
 import pytest
 import torch
 
-from components.modeling import build_base_checkpoint, load_causal_lm
+from components.generation import sample_completions
+from components.modeling import build_base_checkpoint, load_causal_lm, load_tokenizer
 from components.ppo import (
     AdaptiveKLController,
     FixedKLController,
+    PPOBatch,
     PPOSettings,
     PromptSampler,
     ValueHeadModel,
@@ -22,7 +24,9 @@ from components.ppo import (
     masked_mean,
     masked_var,
     masked_whiten,
+    policy_forward,
     policy_loss,
+    select_rows,
     train_ppo,
     value_loss,
 )
@@ -187,6 +191,32 @@ def test_value_head_starts_at_zero_and_keeps_lm_logits(tiny_path):
     again, _ = policy(ids, mask)
     torch.testing.assert_close(logits, again)  # dropout off: train mode is deterministic
     assert not any(name.startswith("value_head") for name in lm.state_dict())
+
+
+def test_select_rows_trims_shared_padding_without_changing_logprobs(tiny_path):
+    policy = ValueHeadModel(load_causal_lm(tiny_path)).eval()
+    prompts = ["the cat", "a", "the big red dog ran under a small blue log", "very good"]
+    out = sample_completions(policy.lm, load_tokenizer(tiny_path), prompts, 6, 1.0, 4, generator_seed=0)
+    mask = out.completion_mask.float()
+    with torch.no_grad():
+        logprobs, values, _ = policy_forward(policy, out.input_ids, out.attention_mask, out.n_prompt, mask, 1.0, False)
+    extra = torch.arange(mask.numel(), dtype=torch.float32).view_as(mask)
+    batch = PPOBatch(
+        out.input_ids, out.attention_mask, out.n_prompt, out.completion_ids, mask, logprobs, values, extra, -extra
+    )
+    rows = torch.tensor([3, 1])  # the two short prompts: the long prompt's padding columns go
+    mini = select_rows(batch, rows)
+    assert mini.input_ids.shape[1] < out.input_ids.shape[1] and mini.n_prompt < out.n_prompt
+    width = int(mask[rows].sum(dim=1).max())
+    assert mini.completion_ids.shape[1] == width
+    torch.testing.assert_close(mini.advantages, extra[rows][:, :width])
+    torch.testing.assert_close(mini.returns, -extra[rows][:, :width])
+    with torch.no_grad():
+        again, again_values, _ = policy_forward(
+            policy, mini.input_ids, mini.attention_mask, mini.n_prompt, mini.completion_mask, 1.0, False
+        )
+    torch.testing.assert_close(again, mini.old_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again_values, mini.old_values)
 
 
 def test_prompt_sampler_covers_every_prompt_each_pass():

@@ -1,0 +1,71 @@
+"""Real use on local files: `model=` a local checkpoint and `data=files` JSONL/Parquet, through the same flow.
+
+The hub-loading path is the same code (`datasets.load_dataset` / `from_pretrained`); here it reads files we
+write, since tests never touch the network. A malformed dataset fails in prepare_data, before any training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components.data import DatasetValidationError
+from components.embedded import build_embedded_splits, corpus
+from components.modeling import build_base_checkpoint
+from flows.pipeline import alignflow
+
+TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 96}
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory) -> dict[str, Path]:
+    """A user's own data (JSONL demos, Parquet pairs) and a local causal-LM checkpoint."""
+    root = tmp_path_factory.mktemp("user")
+    splits = build_embedded_splits(300, 200, 20, 40, 20, 0.2, seed=3)
+    pd.DataFrame(splits["sft"]).to_json(root / "demos.jsonl", orient="records", lines=True)
+    pairs = pd.DataFrame(splits["preference"])[["prompt", "chosen", "rejected"]]
+    pairs.to_parquet(root / "pairs.parquet")
+    build_base_checkpoint(corpus(splits), TINY, 256, 0, root / "checkpoint")
+    return {"sft": root / "demos.jsonl", "preference": root / "pairs.parquet", "model": root / "checkpoint"}
+
+
+def overrides(files: dict[str, Path]) -> list[str]:
+    return [
+        "data=files", f"data.sft.path={files['sft']}", f"data.preference.path={files['preference']}",
+        "data.eval_fraction=0.1", f"model.name_or_path={files['model']}", "model.init=null",
+        "sft.args.num_train_epochs=1", "reward.args.num_train_epochs=1",
+        "rl.total_updates=2", "rl.batch_size=16", "rl.mini_batch_size=8", "rl.rollout_batch_size=16",
+        "eval.max_prompts=16",
+    ]
+
+
+def test_local_model_and_files_run_the_whole_pipeline(prefect_harness, store, user_files):
+    summary = alignflow(overrides=overrides(user_files))
+    metrics = {k: v for s in summary["stages"] for k, v in s["metrics"].items()}
+    assert metrics["data/n_preference"] == 180 and metrics["data/n_preference_eval"] == 20
+    assert metrics["data/n_eval_prompts"] == 20
+    assert "eval/proxy_reward_mean" in metrics and "eval/proxy_win_rate_vs_sft" in metrics
+    assert "eval/gold_reward_mean" not in metrics  # user data has no gold reward: nothing is made up
+    sft_dir = Path(next(s["path"] for s in summary["stages"] if s["stage"] == "sft"))
+    assert not (sft_dir / "base").exists()  # the given checkpoint is used as it is
+    client = MlflowClient(f"sqlite:///{store}/mlruns/mlflow.db")
+    data_run = client.get_run(next(s["mlflow_run_id"] for s in summary["stages"] if s["stage"] == "data"))
+    names = {d.dataset.name for d in data_run.inputs.dataset_inputs}
+    assert {"files/sft", "files/preference", "files/preference_eval"} <= names
+
+
+def test_malformed_dataset_fails_before_training(prefect_harness, store, user_files, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    pd.DataFrame({"prompt": ["Review of the mug:"] * 4, "chosen": [" nice mug."] * 4,
+                  "rejectd": [" bad."] * 4}).to_json(bad, orient="records", lines=True)
+    args = [a if not a.startswith("data.preference.path") else f"data.preference.path={bad}"
+            for a in overrides(user_files)]
+    with pytest.raises(DatasetValidationError, match="rejected"):
+        alignflow(overrides=args)
+    assert not (store / "artifacts" / "sft").exists()
+    client = MlflowClient(f"sqlite:///{store}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("alignflow").experiment_id])
+    assert {r.info.status for r in runs} == {"FAILED"}
