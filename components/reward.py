@@ -13,7 +13,7 @@ from trl import RewardConfig, RewardTrainer
 
 from components.modeling import load_reward_model, load_tokenizer
 from components.scoring import RewardScorer
-from components.training import ForwardLogs, StepLogger
+from components.training import ForwardLogs, StepLogger, quiet
 
 
 def train_reward_model(
@@ -30,7 +30,7 @@ def train_reward_model(
         processing_class=tokenizer,
         callbacks=[ForwardLogs("reward", on_log)],
     )
-    result = trainer.train()
+    result = quiet(trainer).train()
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     return {

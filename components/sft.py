@@ -8,7 +8,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from components.modeling import load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger
+from components.training import ForwardLogs, StepLogger, quiet
 
 
 def train_sft(
@@ -24,7 +24,7 @@ def train_sft(
         processing_class=tokenizer,
         callbacks=[ForwardLogs("sft", on_log)],
     )
-    result = trainer.train()
+    result = quiet(trainer).train()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from transformers import TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 
 StepLogger = Callable[[int, dict[str, float]], None]
 
@@ -34,3 +34,9 @@ class ForwardLogs(TrainerCallback):
         }
         numbers[f"{self.prefix}/total_steps"] = float(self.total_steps)
         self.sink(state.global_step, numbers)
+
+
+def quiet(trainer: Trainer) -> Trainer:
+    """Drop the callback that prints every log dict when tqdm is off: `ForwardLogs` reports progress instead."""
+    trainer.remove_callback(PrinterCallback)
+    return trainer

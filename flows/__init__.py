@@ -5,6 +5,7 @@ before anything imports prefect; a user's own environment still wins.
 """
 
 import os
+import warnings
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry caused "database is locked"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 2 processes need > 20 s
@@ -13,3 +14,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # alignflow prints its own progress per stage
+warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator.*")
