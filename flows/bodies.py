@@ -28,9 +28,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_split(data_result: dict[str, Any], split: str) -> Dataset:
-    """One split written by prepare_data."""
-    return Dataset.from_json(str(Path(data_result["path"]) / f"{split}.jsonl"))
+def load_split(result: dict[str, Any], split: str, log: bool = True) -> Dataset:
+    """One split written by an upstream stage (prepare_data, label_preferences); logged as this run's input."""
+    folder = Path(result["path"])
+    ds = Dataset.from_json(str(folder / f"{split}.jsonl"))
+    if log:
+        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+        _log_split(ds, meta.get("name", result["stage"]), folder / f"{split}.jsonl", split)
+    return ds
 
 
 def _log_split(ds: Dataset, name: str, path: Path, split: str) -> None:
@@ -61,6 +66,7 @@ def prepare_data_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dic
         _log_split(splits[split], cfg["name"], path, split)
         metrics[f"data/n_{split}"] = float(len(splits[split]))
     (stage_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    (stage_dir / "meta.json").write_text(json.dumps({"name": cfg["name"]}))
     return metrics
 
 
@@ -72,7 +78,7 @@ def _base_model(spec: dict[str, Any], stage_dir: Path) -> str:
     if model["name_or_path"]:
         return model["name_or_path"]
     data = spec["upstream"]["data"]
-    texts = corpus({s: load_split(data, s).to_list() for s in SPLITS})
+    texts = corpus({s: load_split(data, s, log=False).to_list() for s in SPLITS})
     path = build_base_checkpoint(texts, model["init"]["arch"], model["init"]["vocab_size"],
                                  spec["config"]["seed"], stage_dir / "base")
     mlflow.log_metric("sft/n_parameters", count_parameters(load_causal_lm(path)))
@@ -84,12 +90,13 @@ def train_sft_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
     from components.sft import train_sft
 
     cfg = spec["config"]["sft"]
-    train = load_split(spec["upstream"]["data"], "sft")
+    train = load_split(spec["upstream"].get("revise") or spec["upstream"]["data"], "sft")
     if cfg["max_train_samples"]:
         train = train.select(range(min(cfg["max_train_samples"], len(train))))
     args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("sft", run_id, None, "sft/loss")
-    metrics = train_sft(_base_model(spec, stage_dir), train, args, stage_dir / "model", logger)
+    base = _sft_model(spec) if "sft" in spec["upstream"] else _base_model(spec, stage_dir)
+    metrics = train_sft(base, train, args, stage_dir / "model", logger)
     _log_model_dir(spec, stage_dir / "model")
     return metrics
 
@@ -102,7 +109,7 @@ def train_reward_model_body(spec: dict[str, Any], stage_dir: Path, run_id: str) 
     cfg = spec["config"]["reward"]
     data = spec["upstream"]["data"]
     init = cfg["model_name_or_path"] or str(Path(spec["upstream"]["sft"]["path"]) / "model")
-    pairs = load_split(data, "preference").select_columns(["prompt", "chosen", "rejected"])
+    pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
     args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("reward", run_id, None, "reward/loss")
     metrics = train_reward_model(init, pairs, args, stage_dir / "model", logger)
@@ -113,6 +120,11 @@ def train_reward_model_body(spec: dict[str, Any], stage_dir: Path, run_id: str) 
         metrics["reward/bayes_ceiling"] = ceiling
     _log_model_dir(spec, stage_dir / "model")
     return metrics
+
+
+def _feedback(spec: dict[str, Any]) -> dict[str, Any]:
+    """Where the training pairs come from: the AI-labelled set when the pipeline has one, else the data."""
+    return spec["upstream"].get("label") or spec["upstream"]["data"]
 
 
 def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
@@ -168,3 +180,97 @@ def _gold_fn(gold: str | None):
 def _log_model_dir(spec: dict[str, Any], model_dir: Path) -> None:
     if spec["options"]["log_models"]:
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
+
+
+def _sft_model(spec: dict[str, Any]) -> str:
+    return str(Path(spec["upstream"]["sft"]["path"]) / "model")
+
+
+def train_dpo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """DPO from the SFT checkpoint (also its frozen reference) on the human- or AI-labelled pairs."""
+    from components.dpo import train_dpo
+
+    cfg = spec["config"]["dpo"]
+    pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
+    if cfg["max_train_samples"]:
+        pairs = pairs.select(range(min(cfg["max_train_samples"], len(pairs))))
+    args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
+    logger = StageLogger("dpo", run_id, None, "dpo/loss")
+    metrics = train_dpo(_sft_model(spec), pairs, args, stage_dir / "model", logger)
+    _log_model_dir(spec, stage_dir / "model")
+    return metrics
+
+
+def train_trl_rl_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """RLOO or GRPO (TRL's trainers) from the SFT checkpoint against the trained reward model."""
+    from components.scoring import RewardScorer
+    from components.trl_rl import train_grpo, train_rloo
+
+    rl = spec["config"]["rl"]
+    algo = rl["algorithm"]
+    device = resolve_device(spec["config"]["device"])
+    scorer = RewardScorer(str(Path(spec["upstream"]["reward"]["path"]) / "model"), device, None)
+    prompts = load_split(spec["upstream"]["data"], "prompts")
+    if rl.get("max_prompts"):
+        prompts = prompts.select(range(min(rl["max_prompts"], len(prompts))))
+    args = instantiate(rl["args"], output_dir=str(stage_dir / "trainer"))
+
+    def reward_fn(p: list[str], c: list[str]) -> list[float]:
+        return scorer.score(p, c, rl["reward_batch_size"])
+
+    train = {"rloo": train_rloo, "grpo": train_grpo}[algo]
+    logger = StageLogger(algo, run_id, None, f"{algo}/reward")
+    metrics = train(_sft_model(spec), prompts, reward_fn, args, rl.get("missing_eos_penalty"), stage_dir / "model",
+                    logger)
+    _log_model_dir(spec, stage_dir / "model")
+    return metrics
+
+
+def revise_demonstrations_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """CAI supervised phase: SFT answers critiqued and revised principle by principle become new demos."""
+    from components.generation import sample_completions
+    from components.modeling import load_causal_lm, load_tokenizer
+    from components.revision import RevisionSettings, critique_and_revise
+
+    cfg = spec["config"]["revision"]
+    device = resolve_device(spec["config"]["device"])
+    prompts = list(load_split(spec["upstream"]["data"], "prompts")["prompt"])[: cfg["n_prompts"]]
+    s = RevisionSettings(cfg["max_new_tokens"], cfg["temperature"], cfg["batch_size"], cfg["seed"])
+    sft = load_causal_lm(_sft_model(spec)).to(device).eval()
+    answers = sample_completions(sft, load_tokenizer(_sft_model(spec)), prompts, s.max_new_tokens, s.temperature,
+                                 s.batch_size, s.seed).texts
+    reviser = cfg["model_name_or_path"] or _sft_model(spec)
+    rows = critique_and_revise(reviser, prompts, answers, cfg["principles"], s, device)
+    Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows if r["completion"]]
+                      ).to_json(str(stage_dir / "sft.jsonl"), lines=True)
+    (stage_dir / "revisions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (stage_dir / "meta.json").write_text(json.dumps({"name": "cai-revisions"}))
+    mlflow.log_table(pd.DataFrame([{k: r[k] for k in ("prompt", "original", "completion")} for r in rows[:32]]),
+                     "revisions.json")
+    changed = sum(r["completion"].strip() != r["original"].strip() for r in rows)
+    return {"revise/n_revised": float(len(rows)), "revise/changed_rate": changed / max(len(rows), 1)}
+
+
+def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """RLAIF feedback: pairs sampled from SFT, labelled by the AI judge; verdicts cached across attempts."""
+    from components.judges import build_judge
+    from components.labeling import label_pairs, label_stats, sample_pairs, to_preferences
+
+    cfg = spec["config"]["judge"]
+    device = resolve_device(spec["config"]["device"])
+    s = cfg["sampling"]
+    prompts = list(load_split(spec["upstream"]["data"], "prompts")["prompt"])[: s["n_pairs"]]
+    pairs = sample_pairs(_sft_model(spec), prompts, s["max_new_tokens"], s["temperature"], s["batch_size"], s["seed"])
+    judge = build_judge(cfg["kind"], {**cfg["settings"], "device": device}, cfg["principles"])
+    # Verdicts live outside the stage directory, keyed by judge and pair: a failed attempt keeps what it paid for.
+    cache = Path(spec["dir"]).parents[1] / "judge_cache" / f"{judge.fingerprint()}.jsonl"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    verdicts = label_pairs(judge, pairs, cache, cfg["batch_size"])
+    prefs = to_preferences(pairs, verdicts)
+    Dataset.from_list(prefs).to_json(str(stage_dir / "preference.jsonl"), lines=True)
+    (stage_dir / "meta.json").write_text(json.dumps({"name": f"ai-{cfg['kind']}"}))
+    load_split({"path": str(stage_dir), "stage": "label"}, "preference")  # logs the labelled set as an input
+    table = [{"prompt": p["prompt"], "a": p["response_a"], "b": p["response_b"], "preference": v.preference}
+             for p, v in zip(pairs[:32], verdicts[:32], strict=True)]
+    mlflow.log_table(pd.DataFrame(table), "verdicts.json")
+    return label_stats(pairs, verdicts, _gold_fn(spec["config"]["gold"]))

@@ -70,12 +70,15 @@ NON_NEGATIVE = (lambda v: isinstance(v, int | float) and not isinstance(v, bool)
 UNIT = (lambda v: isinstance(v, int | float) and 0 <= v <= 1, "use a number in [0, 1]")
 OPEN_UNIT = (lambda v: isinstance(v, int | float) and 0 < v < 1, "use a number strictly between 0 and 1")
 
-RULES: dict[str, tuple] = {
+PPO_RULES: dict[str, tuple] = {
     "rl.total_updates": POSITIVE_INT, "rl.batch_size": POSITIVE_INT, "rl.mini_batch_size": POSITIVE_INT,
     "rl.ppo_epochs": POSITIVE_INT, "rl.learning_rate": POSITIVE, "rl.max_new_tokens": POSITIVE_INT,
     "rl.temperature": POSITIVE, "rl.kl_coef": NON_NEGATIVE, "rl.target_kl": POSITIVE, "rl.kl_horizon": POSITIVE,
     "rl.gamma": UNIT, "rl.lam": UNIT, "rl.cliprange": OPEN_UNIT, "rl.cliprange_value": POSITIVE,
-    "rl.vf_coef": NON_NEGATIVE, "rl.max_grad_norm": POSITIVE, "rl.reward_batch_size": POSITIVE_INT,
+    "rl.vf_coef": NON_NEGATIVE, "rl.max_grad_norm": POSITIVE,
+}
+RULES: dict[str, tuple] = {
+    "rl.reward_batch_size": POSITIVE_INT,
     "sft.args.learning_rate": POSITIVE, "sft.args.per_device_train_batch_size": POSITIVE_INT,
     "reward.args.learning_rate": POSITIVE, "reward.args.per_device_train_batch_size": POSITIVE_INT,
     "reward.score_batch_size": POSITIVE_INT,
@@ -90,15 +93,22 @@ EMBEDDED_RULES: dict[str, tuple] = {
 
 def validate_config(cfg: dict[str, Any]) -> None:
     """Check the composed config; raise ConfigError naming the first bad field and the fix."""
+    _check(cfg, "data.source", lambda v: v in {"embedded", "files"}, "use `embedded` or `files`")
+    _check(cfg, "rl.algorithm", lambda v: v in {"ppo", "rloo", "grpo"}, "choose an rl group: rl=ppo|rloo|grpo")
+    _check(cfg, "pipeline.feedback", lambda v: v in {"human", "ai"}, "use human or ai")
+    _check(cfg, "pipeline.optimizer", lambda v: v in {"rl", "dpo"}, "use rl or dpo")
+    _check(cfg, "device", lambda v: v in {"auto", "cpu", "cuda"}, "use auto, cpu or cuda")
     rules = dict(RULES) | (EMBEDDED_RULES if cfg["data"]["source"] == "embedded" else {})
+    rules |= PPO_RULES if cfg["rl"]["algorithm"] == "ppo" else {}
     for dotted, (ok, fix) in rules.items():
         _check(cfg, dotted, ok, fix)
-    _check(cfg, "data.source", lambda v: v in {"embedded", "files"}, "use `embedded` or `files`")
-    _check(cfg, "rl.algorithm", lambda v: v in {"ppo"}, "choose an rl config group: rl=ppo")
-    _check(cfg, "device", lambda v: v in {"auto", "cpu", "cuda"}, "use auto, cpu or cuda")
     if cfg["model"].get("name_or_path") is None and not cfg["model"].get("init"):
         raise ConfigError("config field `model.name_or_path` is null and `model.init` is empty: set one of them")
-    rl = cfg["rl"]
+    if cfg["rl"]["algorithm"] == "ppo":
+        _validate_ppo(cfg["rl"])
+
+
+def _validate_ppo(rl: dict[str, Any]) -> None:
     if rl["batch_size"] % rl["mini_batch_size"]:
         raise ConfigError(
             f"config field `rl.mini_batch_size` = {rl['mini_batch_size']} must divide `rl.batch_size` = "

@@ -22,6 +22,7 @@ from flows.stages import (
     evaluate_policy,
     prepare_data,
     record_cached,
+    revise_demonstrations,
     train_ppo,
     train_reward_model,
     train_sft,
@@ -34,15 +35,28 @@ log = logging.getLogger("alignflow")
 STAGE_MODULES = {
     "data": ["components.embedded", "components.data"],
     "sft": ["components.sft", "components.modeling"],
+    "revise": ["components.revision"],
+    "sft_cai": ["components.sft"],
     "reward": ["components.reward"],
+    "label": ["components.labeling", "components.judges"],
     "ppo": ["components.ppo"],
+    "rloo": ["components.trl_rl"],
+    "grpo": ["components.trl_rl"],
+    "dpo": ["components.dpo"],
     "eval": ["components.evaluate"],
 }
+RL_TASKS = {"ppo": train_ppo, "rloo": train_rloo, "grpo": train_grpo}
 HEADLINE = {
     "data": ["data/bayes_ceiling", "data/n_sft", "data/n_preference"],
     "sft": ["sft/train_loss"],
+    "revise": ["revise/changed_rate"],
+    "sft_cai": ["sft/train_loss"],
     "reward": ["reward/eval_accuracy", "reward/bayes_ceiling"],
+    "label": ["label/agreement_with_gold", "label/tie_rate"],
     "ppo": ["ppo/mean_reward", "ppo/kl"],
+    "rloo": ["rloo/mean_reward", "rloo/kl"],
+    "grpo": ["grpo/mean_reward", "grpo/kl"],
+    "dpo": ["dpo/accuracy", "dpo/rewards_margin"],
     "eval": ["eval/win_rate_vs_sft", "eval/gold_reward_mean", "eval/gold_reward_mean_sft", "eval/kl_to_sft"],
 }
 
@@ -93,33 +107,50 @@ class Pipeline:
 
 
 def _stage_configs(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The config slice each stage's key covers: changing `rl.*` touches only ppo and eval."""
+    """The config slice each stage's key covers: changing `rl.*` touches only the RL stage and eval."""
+    device = cfg["device"]
     return {
         "data": cfg["data"],
         "sft": {"model": cfg["model"], "sft": cfg["sft"], "seed": cfg["seed"]},
-        "reward": {"reward": cfg["reward"], "device": cfg["device"]},
-        "ppo": {"rl": cfg["rl"], "device": cfg["device"]},
-        "eval": {"eval": cfg["eval"], "gold": cfg["data"]["gold"], "device": cfg["device"]},
+        "label": {"judge": cfg["judge"], "gold": cfg["data"]["gold"], "device": device},
+        "reward": {"reward": cfg["reward"], "device": device},
+        "rl": {"rl": cfg["rl"], "device": device},
+        "dpo": {"dpo": cfg["dpo"], "device": device},
+        "revise": {"revision": cfg["revision"], "device": device},
+        "eval": {"eval": cfg["eval"], "gold": cfg["data"]["gold"], "device": device},
     }
 
 
 @flow(name="alignflow")
 def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Run the configured alignment pipeline; `overrides` are Hydra overrides such as `rl.kl_coef=0.1`."""
+    """Run the configured alignment pipeline; `overrides` are Hydra overrides such as `rl.kl_coef=0.1`.
+
+    rlhf: SFT → reward model → RL;  dpo: SFT → DPO;  rlaif / rlaif_dpo: the same with AI-labelled preferences.
+    """
     overrides = list(overrides or [])
     cfg = compose_config(overrides)
     validate_config(cfg)
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
-    conf = _stage_configs(cfg)
+    conf, kind = _stage_configs(cfg), cfg["pipeline"]
     pipe = Pipeline(cfg, overrides, parent_run_id)
     try:
         data = pipe.stage(prepare_data, "data", conf["data"], {})
         sft = pipe.stage(train_sft, "sft", conf["sft"], {"data": data})
-        reward = pipe.stage(train_reward_model, "reward", conf["reward"], {"data": data, "sft": sft})
-        policy = pipe.stage(train_ppo, "ppo", conf["ppo"], {"data": data, "sft": sft, "reward": reward})
-        pipe.stage(evaluate_policy, "eval", conf["eval"],
-                   {"data": data, "sft": sft, "reward": reward, "policy": policy})
+        if kind["revise"]:  # Constitutional AI: fine-tune the SFT model again on its own revised answers
+            revised = pipe.stage(revise_demonstrations, "revise", conf["revise"], {"data": data, "sft": sft})
+            sft = pipe.stage(train_sft, "sft_cai", conf["sft"], {"data": data, "sft": sft, "revise": revised})
+        feedback = {"data": data, "sft": sft}
+        if kind["feedback"] == "ai":
+            feedback["label"] = pipe.stage(label_preferences, "label", conf["label"], {"data": data, "sft": sft})
+        if kind["optimizer"] == "dpo":
+            scored = {"policy": pipe.stage(train_dpo, "dpo", conf["dpo"], feedback)}
+        else:
+            reward = pipe.stage(train_reward_model, "reward", conf["reward"], feedback)
+            algorithm = cfg["rl"]["algorithm"]
+            policy = pipe.stage(RL_TASKS[algorithm], algorithm, conf["rl"], {**feedback, "reward": reward})
+            scored = {"reward": reward, "policy": policy}
+        pipe.stage(evaluate_policy, "eval", conf["eval"], {"data": data, "sft": sft, **scored})
     except BaseException:
         pipe.finish(ok=False)
         raise

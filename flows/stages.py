@@ -97,3 +97,43 @@ def evaluate_policy(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]
     from flows.bodies import evaluate_policy_body
 
     return execute(spec, run, evaluate_policy_body)
+
+
+@stage_task("label_preferences")
+def label_preferences(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """RLAIF feedback: sample pairs from the SFT model and have the configured AI judge label them."""
+    from flows.bodies import label_preferences_body
+
+    return execute(spec, run, label_preferences_body)
+
+
+@stage_task("train_dpo")
+def train_dpo(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Direct preference optimisation (TRL DPOTrainer) from the SFT checkpoint, which is also the reference."""
+    from flows.bodies import train_dpo_body
+
+    return execute(spec, run, train_dpo_body)
+
+
+@stage_task("train_rloo")
+def train_rloo(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """RLOO (TRL RLOOTrainer) against the trained reward model."""
+    from flows.bodies import train_trl_rl_body
+
+    return execute(spec, run, train_trl_rl_body)
+
+
+@stage_task("train_grpo")
+def train_grpo(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """GRPO (TRL GRPOTrainer) against the trained reward model."""
+    from flows.bodies import train_trl_rl_body
+
+    return execute(spec, run, train_trl_rl_body)
+
+
+@stage_task("revise_demonstrations")
+def revise_demonstrations(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Constitutional AI supervised phase: critique and revise SFT answers principle by principle."""
+    from flows.bodies import revise_demonstrations_body
+
+    return execute(spec, run, revise_demonstrations_body)

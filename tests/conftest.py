@@ -35,3 +35,22 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     yield
     os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+SMOKE = ["experiment=smoke"]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(prefect_harness, tmp_path_factory):
+    """One store shared by the end-to-end tests, holding a first RLHF run of `experiment=smoke`.
+
+    Later tests run other pipelines and reruns against it, so they reuse (and assert the reuse of) its stages.
+    """
+    from flows.pipeline import alignflow
+
+    root = tmp_path_factory.mktemp("smoke")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ALIGNFLOW_ROOT", str(root))
+    summary = alignflow(overrides=SMOKE)
+    yield root, summary
+    mp.undo()

@@ -1,6 +1,6 @@
 """The whole RLHF pipeline on the embedded default (small budgets): it improves on SFT, and the cache works.
 
-One module-scoped run of `experiment=smoke` feeds several assertions; reruns then check reuse, selective
+One session-wide run of `experiment=smoke` (conftest) feeds several assertions; reruns then check reuse, selective
 invalidation and recovery from a deleted stage directory. CI runs this whole pipeline.
 """
 
@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.pipeline import alignflow
 
-SMOKE = ["experiment=smoke"]
+from tests.conftest import SMOKE
 
 
 def stage_runs(store: Path, pipeline_run_id: str) -> dict[str, dict]:
@@ -27,14 +27,10 @@ def stage_runs(store: Path, pipeline_run_id: str) -> dict[str, dict]:
     return {r.data.tags["alignflow.stage"]: {"tags": r.data.tags, "metrics": r.data.metrics} for r in runs}
 
 
-@pytest.fixture(scope="module")
-def first_run(prefect_harness, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ALIGNFLOW_ROOT", str(root))
-    summary = alignflow(overrides=SMOKE)
-    yield root, summary, mp
-    mp.undo()
+@pytest.fixture
+def first_run(smoke_run):
+    root, summary = smoke_run
+    return root, summary, None
 
 
 def metrics_of(summary: dict) -> dict[str, float]:

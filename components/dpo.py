@@ -1,0 +1,71 @@
+"""Direct preference optimisation with TRL's DPOTrainer: the SFT model learns from ranked pairs, no reward model.
+
+The policy starts from the SFT checkpoint and the frozen reference IS the SFT checkpoint: both are loaded from
+`sft_path`, and the reference is passed explicitly rather than left to TRL (TRL 1.16 rebuilds it from the
+policy's `config._name_or_path`, which is empty for a model built in memory). DPOTrainer patches a fused LM head
+onto the policy's `forward` (an instance attribute, not saved); the saved checkpoint is a plain causal LM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from components.modeling import load_causal_lm, load_tokenizer
+from components.training import ForwardLogs, StepLogger, quiet
+
+#: Summary name → the key DPOTrainer logs it under (averaged over the last logging window).
+LAST_WINDOW_METRICS = {
+    "dpo/rewards_margin": "rewards/margins",
+    "dpo/accuracy": "rewards/accuracies",
+    "dpo/rewards_chosen": "rewards/chosen",
+    "dpo/rewards_rejected": "rewards/rejected",
+    "dpo/loss": "loss",
+}
+
+
+def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
+    """The most recent value of `key` in a trainer's `state.log_history`, skipping the end-of-training summary.
+
+    The summary entry (it holds `train_runtime`) reports the run's mean loss as `train_loss`, and may carry the
+    averages of a partial last window; per-step entries are preferred. NaN when the key was never logged.
+    """
+    steps = [h for h in log_history if key in h and "train_runtime" not in h]
+    entries = steps or [h for h in log_history if key in h]
+    return float(entries[-1][key]) if entries else float("nan")
+
+
+def train_dpo(
+    sft_path: str, train: Dataset, args: DPOConfig, output_dir: str | Path, on_log: StepLogger | None = None
+) -> dict[str, float]:
+    """Train the SFT checkpoint with DPO on `prompt`/`chosen`/`rejected` pairs; save model + tokenizer.
+
+    Returns the last logging window's implicit-reward margin and accuracy (share of pairs whose chosen
+    completion gains more log-probability over the reference than the rejected one), its loss, the mean loss
+    over the run, the step count and the training seconds.
+    """
+    tokenizer = load_tokenizer(sft_path)
+    policy = load_causal_lm(sft_path)
+    reference = load_causal_lm(sft_path)
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=train.select_columns(["prompt", "chosen", "rejected"]),
+        processing_class=tokenizer,
+        callbacks=[ForwardLogs("dpo", on_log)],
+    )
+    result = quiet(trainer).train()
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    history = trainer.state.log_history
+    summary = {name: last_logged(history, key) for name, key in LAST_WINDOW_METRICS.items()}
+    return summary | {
+        "dpo/train_loss": float(result.training_loss),
+        "dpo/train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+        "dpo/steps": float(result.global_step),
+    }

@@ -1,0 +1,77 @@
+"""Constitutional AI, supervised phase: a causal LM critiques and revises answers principle by principle.
+
+For each prompt, the SFT model's answer goes through one critique → revision round per principle (Bai et al.
+2022); the final revisions become new SFT demonstrations. With an instruction-following reviser this removes
+what the principles forbid; with the tiny embedded model it only exercises the plumbing, and claims no effect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from components.generation import sample_completions
+from components.modeling import load_causal_lm, load_tokenizer
+
+CRITIQUE = (
+    "{prompt}{response}\n\nCritique request: identify specific ways in which the response above fails this "
+    "principle: {principle}\nCritique:"
+)
+REVISION = (
+    "{prompt}{response}\n\nCritique: {critique}\nRevision request: rewrite the response so that it follows "
+    "the principle: {principle}. Give only the rewritten response.\nRevision:"
+)
+
+
+@dataclass
+class RevisionSettings:
+    """Generation settings for critiques and revisions (from the `revision` config group)."""
+
+    max_new_tokens: int
+    temperature: float
+    batch_size: int
+    seed: int
+
+
+def as_chat(tokenizer, text: str) -> str:
+    """Wrap a request in the model's chat template when it has one (instruction models), else leave it plain."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def _generate(model, tokenizer, requests: list[str], s: RevisionSettings, step: int) -> list[str]:
+    texts = [as_chat(tokenizer, r) for r in requests]
+    rollout = sample_completions(model, tokenizer, texts, s.max_new_tokens, s.temperature, s.batch_size, s.seed + step)
+    return [t.strip() for t in rollout.texts]
+
+
+@torch.no_grad()
+def critique_and_revise(
+    reviser_path: str, prompts: list[str], responses: list[str], principles: list[dict], settings: RevisionSettings,
+    device: str,
+) -> list[dict]:
+    """Revise each response once per principle; return rows with the final revision and the whole history."""
+    tokenizer = load_tokenizer(reviser_path)
+    model = load_causal_lm(reviser_path).to(device).eval()
+    current = list(responses)
+    history: list[list[dict]] = [[] for _ in prompts]
+    for step, principle in enumerate(principles):
+        text = f"{principle['name']}: {principle['description']}"
+        critiques = _generate(model, tokenizer, [
+            CRITIQUE.format(prompt=p, response=r, principle=text) for p, r in zip(prompts, current, strict=True)
+        ], settings, 2 * step)
+        revisions = _generate(model, tokenizer, [
+            REVISION.format(prompt=p, response=r, critique=c, principle=text)
+            for p, r, c in zip(prompts, current, critiques, strict=True)
+        ], settings, 2 * step + 1)
+        for rows, c, r in zip(history, critiques, revisions, strict=True):
+            rows.append({"principle": principle["name"], "critique": c, "revision": r})
+        # An empty revision keeps the previous answer rather than teaching the model to say nothing.
+        current = [r if r else old for r, old in zip(revisions, current, strict=True)]
+    return [
+        {"prompt": p, "completion": " " + c.lstrip() if c else c, "original": o, "history": h}
+        for p, c, o, h in zip(prompts, current, responses, history, strict=True)
+    ]

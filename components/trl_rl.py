@@ -1,0 +1,141 @@
+"""Online RL with TRL's maintained trainers, beside our own PPO: RLOO and GRPO against a plain reward callable.
+
+Both sample `num_generations` completions per prompt and use the group as the baseline (RLOO: leave-one-out
+mean; GRPO: group mean, scaled by the group std), so neither needs a value head. The policy starts from the SFT
+checkpoint; with `beta > 0` TRL loads a frozen reference from the policy's `config._name_or_path`, i.e. the SFT
+checkpoint again (RLOO folds the summed per-token log-ratio into the reward, GRPO adds a k3 KL term to the loss).
+
+The reward is any `reward_fn(prompts, completions) -> scores` (the flow passes the trained reward model's
+scorer). TRL hands reward functions completions decoded WITHOUT special tokens, so an unfinished completion
+looks finished to a scorer that appends EOS; `missing_eos_penalty` restores that signal from the token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import Trainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from components.modeling import load_causal_lm, load_tokenizer
+from components.training import ForwardLogs, StepLogger, quiet
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+#: Summary name (after the `<algo>/` prefix) → the key both trainers log it under, averaged over a logging window.
+LAST_WINDOW_METRICS = {
+    "mean_reward": "reward",  # raw reward-function score, before the KL penalty
+    "reward_std": "reward_std",
+    "kl": "kl",  # per-token KL to the reference (RLOO: mean log-ratio; GRPO: k3 estimator); logged when beta > 0
+    "entropy": "entropy",
+    "mean_length": "completions/mean_length",  # completion tokens, EOS included
+    "clipped_ratio": "completions/clipped_ratio",  # share of completions cut at max_completion_length
+}
+
+
+def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
+    """The most recent value of `key` in a trainer's `state.log_history`, skipping the end-of-training summary.
+
+    NaN when the key was never logged (e.g. `kl` with beta 0, or None values TRL logs for all-NaN windows).
+    """
+    steps = [h for h in log_history if h.get(key) is not None and "train_runtime" not in h]
+    entries = steps or [h for h in log_history if h.get(key) is not None]
+    return float(entries[-1][key]) if entries else float("nan")
+
+
+def as_trl_reward(reward_fn: RewardFn, eos_token_ids: Sequence[int], missing_eos_penalty: float | None) -> Callable:
+    """Adapt `reward_fn(prompts, completions)` to TRL's custom reward signature (keyword arguments).
+
+    TRL calls it with `prompts`, `completions` (decoded text), `completion_ids` (generated ids, EOS included
+    when the completion ended) and extra columns; `missing_eos_penalty` (or None) is subtracted from the score
+    of every completion that did not end with an EOS id. The function's name labels TRL's per-function metrics.
+    """
+    eos = set(eos_token_ids)
+
+    def reward_model(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **_: Any):
+        if not all(isinstance(x, str) for x in [*prompts, *completions]):
+            raise TypeError("reward_fn scores plain-text prompts; conversational (message list) prompts are not wired")
+        scores = [float(s) for s in reward_fn(list(prompts), list(completions))]
+        if missing_eos_penalty:
+            scores = [s - missing_eos_penalty * (not ids or ids[-1] not in eos) for s, ids in zip(
+                scores, completion_ids, strict=True)]
+        return scores
+
+    return reward_model
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion in TRL's sampling: the generation config's EOS ids plus the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({*ids, tokenizer.eos_token_id} - {None})
+
+
+def _train(
+    trainer_cls: type[Trainer],
+    algo: str,
+    sft_path: str,
+    prompts: Dataset,
+    reward_fn: RewardFn,
+    args: RLOOConfig | GRPOConfig,
+    missing_eos_penalty: float | None,
+    output_dir: str | Path,
+    on_log: StepLogger | None,
+) -> dict[str, float]:
+    """Shared body of `train_rloo` / `train_grpo`: build the trainer, train, save, summarise."""
+    tokenizer = load_tokenizer(sft_path)
+    policy = load_causal_lm(sft_path)  # its _name_or_path is sft_path: TRL builds the KL reference from it
+    trainer = trainer_cls(
+        model=policy,
+        reward_funcs=as_trl_reward(reward_fn, _eos_ids(policy, tokenizer), missing_eos_penalty),
+        args=args,
+        train_dataset=prompts.select_columns(["prompt"]),
+        processing_class=tokenizer,
+        callbacks=[ForwardLogs(algo, on_log)],
+    )
+    result = quiet(trainer).train()
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    history = trainer.state.log_history
+    summary = {f"{algo}/{name}": last_logged(history, key) for name, key in LAST_WINDOW_METRICS.items()}
+    return summary | {
+        f"{algo}/train_loss": float(result.training_loss),
+        f"{algo}/train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+        f"{algo}/steps": float(result.global_step),
+    }
+
+
+def train_rloo(
+    sft_path: str,
+    prompts: Dataset,
+    reward_fn: RewardFn,
+    args: RLOOConfig,
+    missing_eos_penalty: float | None,
+    output_dir: str | Path,
+    on_log: StepLogger | None = None,
+) -> dict[str, float]:
+    """REINFORCE Leave-One-Out (Ahmadian et al., 2024) from the SFT checkpoint on a `prompt` column; save it.
+
+    Returns `rloo/mean_reward`, `rloo/kl` and the other last-window metrics, the mean loss, steps and seconds.
+    """
+    return _train(RLOOTrainer, "rloo", sft_path, prompts, reward_fn, args, missing_eos_penalty, output_dir, on_log)
+
+
+def train_grpo(
+    sft_path: str,
+    prompts: Dataset,
+    reward_fn: RewardFn,
+    args: GRPOConfig,
+    missing_eos_penalty: float | None,
+    output_dir: str | Path,
+    on_log: StepLogger | None = None,
+) -> dict[str, float]:
+    """Group Relative Policy Optimisation (Shao et al., 2024) from the SFT checkpoint on a `prompt` column; save it.
+
+    Returns `grpo/mean_reward`, `grpo/kl` and the other last-window metrics, the mean loss, steps and seconds.
+    """
+    return _train(GRPOTrainer, "grpo", sft_path, prompts, reward_fn, args, missing_eos_penalty, output_dir, on_log)
