@@ -10,10 +10,13 @@ PPO key (and through upstream keys everything after it) but nothing before it.
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -110,3 +113,17 @@ def fresh_stage_dir(stage_dir: Path) -> Path:
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
     return stage_dir
+
+
+@contextmanager
+def stage_lock(stage_dir: Path) -> Iterator[None]:
+    """Exclusive lock on one stage key across processes (parallel sweep jobs): one builds, the others wait and
+    then find its DONE marker. The OS releases it if the holder dies, so a crash never leaves it stuck."""
+    lock_path = Path(stage_dir).with_name(Path(stage_dir).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

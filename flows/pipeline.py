@@ -20,11 +20,15 @@ from flows.config import compose_config, validate_config
 from flows.progress import summary_table
 from flows.stages import (
     evaluate_policy,
+    label_preferences,
     prepare_data,
     record_cached,
     revise_demonstrations,
+    train_dpo,
+    train_grpo,
     train_ppo,
     train_reward_model,
+    train_rloo,
     train_sft,
 )
 from flows.tracking import end_run, init_tracking, log_metrics, start_pipeline_run

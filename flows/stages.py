@@ -16,7 +16,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from flows.cache import fresh_stage_dir, read_done, write_done
+from flows.cache import fresh_stage_dir, read_done, stage_lock, write_done
 from flows.tracking import log_metrics, stage_run
 
 Body = Callable[[dict[str, Any], Path, str], dict[str, float]]
@@ -32,6 +32,11 @@ def record_cached(result: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]
 
 def execute(spec: dict[str, Any], run: dict[str, Any], body: Body) -> dict[str, Any]:
     """Run `body` into the stage directory unless a DONE marker says it already finished."""
+    with stage_lock(Path(spec["dir"])):
+        return _execute_locked(spec, run, body)
+
+
+def _execute_locked(spec: dict[str, Any], run: dict[str, Any], body: Body) -> dict[str, Any]:
     stage_dir = Path(spec["dir"])
     done = read_done(stage_dir)
     if done is not None:

@@ -14,7 +14,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import alignflow
-
 from tests.conftest import SMOKE
 
 
