@@ -260,7 +260,8 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
     device = resolve_device(spec["config"]["device"])
     s = cfg["sampling"]
     prompts = list(load_split(spec["upstream"]["data"], "prompts")["prompt"])[: s["n_pairs"]]
-    pairs = sample_pairs(_sft_model(spec), prompts, s["max_new_tokens"], s["temperature"], s["batch_size"], s["seed"])
+    pairs = sample_pairs(_sft_model(spec), prompts, s["max_new_tokens"], s["temperature"], s["batch_size"], s["seed"],
+                         device=device)
     judge = build_judge(cfg["kind"], {**cfg["settings"], "device": device}, cfg["principles"])
     # Verdicts live outside the stage directory, keyed by judge and pair: a failed attempt keeps what it paid for.
     cache = Path(spec["dir"]).parents[1] / "judge_cache" / f"{judge.fingerprint()}.jsonl"
@@ -273,4 +274,5 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
     table = [{"prompt": p["prompt"], "a": p["response_a"], "b": p["response_b"], "preference": v.preference}
              for p, v in zip(pairs[:32], verdicts[:32], strict=True)]
     mlflow.log_table(pd.DataFrame(table), "verdicts.json")
-    return label_stats(pairs, verdicts, _gold_fn(spec["config"]["gold"]))
+    gold = _gold_fn(spec["config"]["gold"])
+    return label_stats(pairs, verdicts, (lambda texts: gold([], texts)) if gold else None)

@@ -104,7 +104,8 @@ class Pipeline:
                                   "pipeline/stages_cached": sum(r["cached"] for r in self.results)})
         end_run(self.run_id, ok)
         table = summary_table([{**r, "seconds": r["wall"]} for r in self.results], HEADLINE)
-        log.info("pipeline %s finished in %.1fs\n%s", self.cfg["pipeline"]["name"], total, table)
+        outcome = "finished" if ok else "FAILED"
+        log.info("pipeline %s %s after %.1fs\n%s", self.cfg["pipeline"]["name"], outcome, total, table)
         uri = self.cfg["tracking"]["tracking_uri"]
         log.info("MLflow run %s; browse with:  mlflow ui --backend-store-uri %s", self.run_id, uri)
         return {"mlflow_run_id": self.run_id, "seconds": total, "stages": self.results}

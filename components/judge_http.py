@@ -1,0 +1,220 @@
+"""An OpenAI-compatible chat-completions endpoint as a pairwise constitution judge, asked in both orders.
+
+Works with any server speaking `POST {base_url}/chat/completions` (OpenAI, vLLM, llama.cpp, TGI…). The API key
+is read from the environment variable named by `api_key_env` at call time and only ever sent as a Bearer header:
+it is not stored on the judge, not part of the fingerprint, verdicts or error messages. Requests run on a thread
+pool of `concurrency` workers sharing one httpx client; each has a timeout and up to `max_retries` retries with
+exponential backoff (a 429's `Retry-After` is honoured). Unparseable replies are retried too; a pair that still
+fails raises `JudgeError` naming the judge, the pair index and the last problem.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from components.judges import (
+    JudgeError,
+    Principle,
+    Verdict,
+    check_lengths,
+    combine_orders,
+    fingerprint_of,
+    render_constitution,
+)
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+SWAPPED = {"a": "b", "b": "a", "tie": "tie"}  # a label given in the (b, a) order, mapped back to the pair
+_FILLER = frozenset({"response", "answer", "verdict", "final", "the", "is", "it", "s"})
+
+
+@dataclass
+class HTTPSettings:
+    """Settings of the HTTP judge (all from conf/judge/openai_compatible.yaml)."""
+
+    base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str
+    api_key_env: str | None  # name of the environment variable holding the key; None: send no key
+    system: str | None  # optional system message
+    template: str  # user message with {constitution}, {prompt}, {response_a}, {response_b}
+    temperature: float
+    max_tokens: int
+    timeout: float  # seconds per request
+    max_retries: int  # retries per request after the first attempt
+    backoff_base: float  # seconds before the first retry; doubles each retry
+    backoff_max: float  # cap on one backoff wait (a server's Retry-After is honoured as given)
+    concurrency: int  # requests in flight at once
+
+
+class _Retry(Exception):
+    """A failed attempt worth retrying, with the server's requested wait if it gave one."""
+
+    def __init__(self, problem: str, wait: float | None) -> None:
+        super().__init__(problem)
+        self.problem, self.wait = problem, wait
+
+
+def parse_label(reply: str) -> str | None:
+    """'a', 'b' or 'tie' from a reply such as "A", "**B**.", "Response A", "Verdict: tie"; None otherwise."""
+    lines = [line for line in reply.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    words = [w for w in re.sub(r"[^a-z]+", " ", lines[0].lower()).split() if w not in _FILLER]
+    return words[0] if len(words) == 1 and words[0] in ("a", "b", "tie") else None
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def read_api_key(env_name: str | None, judge_name: str) -> str | None:
+    """The API key from the environment variable `env_name` (None: no key); a named but unset variable fails."""
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name)
+    if not key:
+        raise ValueError(f"{judge_name}: environment variable {env_name} (api_key_env) is not set")
+    return key
+
+
+def make_client(settings: HTTPSettings, key: str | None) -> httpx.Client:
+    """One httpx client for a judge call: base URL, Bearer header, per-request timeout, `concurrency` connections."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=settings.concurrency)
+    base = settings.base_url.rstrip("/")
+    return httpx.Client(base_url=base, headers=headers, timeout=settings.timeout, limits=limits)
+
+
+def attempt_verdict(client: httpx.Client, body: dict[str, Any], timeout: float) -> tuple[str, str]:
+    """One request: (label, reply text); `_Retry` for a timeout, retryable status or unreadable reply;
+    RuntimeError for any other client or server error (retrying would not help)."""
+    try:
+        response = client.post("/chat/completions", json=body)
+    except httpx.TimeoutException:
+        raise _Retry(f"no reply within the {timeout}s timeout", None) from None
+    except httpx.TransportError as exc:
+        raise _Retry(f"transport error: {type(exc).__name__}", None) from None
+    if response.status_code in RETRYABLE_STATUS:
+        raise _Retry(f"HTTP {response.status_code}", retry_after_seconds(response.headers.get("retry-after")))
+    if response.status_code >= 400:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+    try:
+        reply = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise _Retry(f"malformed response body {response.text[:80]!r}", None) from None
+    label = parse_label(reply) if isinstance(reply, str) else None
+    if label is None:
+        raise _Retry(f"unparseable verdict {str(reply)[:80]!r}", None)
+    return label, reply
+
+
+def ask_with_retries(
+    client: httpx.Client, body: dict[str, Any], settings: HTTPSettings, judge_name: str, index: int
+) -> tuple[str, str]:
+    """One verdict request with retries and exponential backoff (a server's Retry-After wins); `JudgeError` naming
+    the judge, the pair and the last problem when every attempt failed."""
+    for attempt in range(settings.max_retries + 1):
+        try:
+            return attempt_verdict(client, body, settings.timeout)
+        except _Retry as retry:
+            problem = retry.problem
+            if attempt == settings.max_retries:
+                break
+            backoff = min(settings.backoff_max, settings.backoff_base * 2**attempt)
+            wait = retry.wait if retry.wait is not None else backoff
+            logger.warning(
+                "%s: pair %d attempt %d failed (%s); retry in %.2fs", judge_name, index, attempt + 1, problem, wait
+            )
+            time.sleep(wait)
+        except RuntimeError as exc:
+            raise JudgeError(judge_name, index, str(exc)) from None
+    raise JudgeError(judge_name, index, f"{problem} (after {settings.max_retries + 1} attempts)")
+
+
+def two_order_verdict(first: tuple[str, str], second: tuple[str, str]) -> Verdict:
+    """Verdict from the (a, b) reply and the (b, a) reply, each a (label, text) pair; both texts kept in `raw`."""
+    preference, consistent = combine_orders(first[0], SWAPPED[second[0]])
+    raw = json.dumps({"order_ab": first[1], "order_ba": second[1]})
+    return Verdict(preference, position_consistent=consistent, raw=raw)
+
+
+class HTTPJudge:
+    """Pairwise judge behind an OpenAI-compatible endpoint; each pair is asked in both orders."""
+
+    def __init__(self, settings: HTTPSettings, principles: list[Principle]) -> None:
+        """Keep the settings and render the constitution; no connection is opened until `judge`."""
+        if settings.concurrency < 1 or settings.max_retries < 0:
+            raise ValueError("openai_compatible judge needs concurrency >= 1 and max_retries >= 0")
+        self.settings, self.principles = settings, principles
+        self._constitution = render_constitution(principles)
+        self.name = f"openai_compatible({settings.model} @ {settings.base_url})"
+
+    def request_body(self, prompt: str, first: str, second: str) -> dict[str, Any]:
+        """The chat-completions request asking whether `first` (A) or `second` (B) better follows the constitution."""
+        s = self.settings
+        user = s.template.format(constitution=self._constitution, prompt=prompt, response_a=first, response_b=second)
+        system = [{"role": "system", "content": s.system}] if s.system else []
+        messages = [*system, {"role": "user", "content": user}]
+        return {"model": s.model, "messages": messages, "temperature": s.temperature, "max_tokens": s.max_tokens}
+
+    def judge(self, prompts: list[str], a: list[str], b: list[str]) -> list[Verdict]:
+        """Ask each pair as (a, b) and (b, a), `concurrency` requests at a time; consistent labels win."""
+        check_lengths(prompts, a, b)
+        bodies = {
+            (i, order): self.request_body(p, *((x, y) if order == 0 else (y, x)))
+            for i, (p, x, y) in enumerate(zip(prompts, a, b, strict=True))
+            for order in (0, 1)
+        }
+        key = read_api_key(self.settings.api_key_env, self.name)
+        with make_client(self.settings, key) as client:
+            pool = ThreadPoolExecutor(max_workers=self.settings.concurrency)
+            try:
+                futures = {
+                    job: pool.submit(ask_with_retries, client, body, self.settings, self.name, job[0])
+                    for job, body in bodies.items()
+                }
+                replies = {job: future.result() for job, future in futures.items()}
+            except JudgeError as exc:  # a server may echo what it was sent: never let the key into the message
+                raise JudgeError(
+                    exc.judge, exc.index, exc.problem.replace(key, "***") if key else exc.problem
+                ) from None
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return [two_order_verdict(replies[(i, 0)], replies[(i, 1)]) for i in range(len(prompts))]
+
+    def fingerprint(self) -> str:
+        """Endpoint, model, prompt, sampling and principles: never the key, timeouts, retries or concurrency."""
+        s = self.settings
+        payload = {
+            "base_url": s.base_url.rstrip("/"),
+            "model": s.model,
+            "system": s.system,
+            "template": s.template,
+            "temperature": s.temperature,
+            "max_tokens": s.max_tokens,
+            "principles": [asdict(p) for p in self.principles],
+        }
+        return fingerprint_of("openai_compatible", payload, __name__)
