@@ -9,13 +9,12 @@ onto the policy's `forward` (an instance attribute, not saved); the saved checkp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from components.modeling import load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger, quiet
+from components.training import ForwardLogs, StepLogger, last_logged, quiet
 
 #: Summary name → the key DPOTrainer logs it under (averaged over the last logging window).
 LAST_WINDOW_METRICS = {
@@ -25,17 +24,6 @@ LAST_WINDOW_METRICS = {
     "dpo/rewards_rejected": "rewards/rejected",
     "dpo/loss": "loss",
 }
-
-
-def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
-    """The most recent value of `key` in a trainer's `state.log_history`, skipping the end-of-training summary.
-
-    The summary entry (it holds `train_runtime`) reports the run's mean loss as `train_loss`, and may carry the
-    averages of a partial last window; per-step entries are preferred. NaN when the key was never logged.
-    """
-    steps = [h for h in log_history if key in h and "train_runtime" not in h]
-    entries = steps or [h for h in log_history if key in h]
-    return float(entries[-1][key]) if entries else float("nan")
 
 
 def train_dpo(

@@ -42,8 +42,20 @@ def as_chat(tokenizer, text: str) -> str:
     return text
 
 
+def fit_context(tokenizer, texts: list[str], limit: int) -> list[str]:
+    """Keep the last `limit` tokens of each text (the request's end, which asks for the critique or revision)."""
+    fitted = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        fitted.append(text if len(ids) <= limit else tokenizer.decode(ids[-limit:]))
+    return fitted
+
+
 def _generate(model, tokenizer, requests: list[str], s: RevisionSettings, step: int) -> list[str]:
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     texts = [as_chat(tokenizer, r) for r in requests]
+    if context:  # small models (the embedded default) cannot take the whole critique request
+        texts = fit_context(tokenizer, texts, context - s.max_new_tokens - 2)
     rollout = sample_completions(model, tokenizer, texts, s.max_new_tokens, s.temperature, s.batch_size, s.seed + step)
     return [t.strip() for t in rollout.texts]
 

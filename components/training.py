@@ -7,6 +7,7 @@ and metric tracking live in one place (the flow) and components stay free of tra
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
@@ -40,3 +41,13 @@ def quiet(trainer: Trainer) -> Trainer:
     """Drop the callback that prints every log dict when tqdm is off: `ForwardLogs` reports progress instead."""
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
+    """The most recent value of `key` in a trainer's `state.log_history`, skipping the end-of-training summary.
+
+    NaN when the key was never logged (e.g. `kl` with beta 0, or None values TRL logs for all-NaN windows).
+    """
+    steps = [h for h in log_history if h.get(key) is not None and "train_runtime" not in h]
+    entries = steps or [h for h in log_history if h.get(key) is not None]
+    return float(entries[-1][key]) if entries else float("nan")

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, Trainer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from components.modeling import load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger, quiet
+from components.training import ForwardLogs, StepLogger, last_logged, quiet
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -44,16 +44,6 @@ LAST_WINDOW_METRICS = {
 }
 
 
-def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
-    """The most recent value of `key` in a trainer's `state.log_history`, skipping the end-of-training summary.
-
-    NaN when the key was never logged (e.g. `kl` with beta 0, or None values TRL logs for all-NaN windows).
-    """
-    steps = [h for h in log_history if h.get(key) is not None and "train_runtime" not in h]
-    entries = steps or [h for h in log_history if h.get(key) is not None]
-    return float(entries[-1][key]) if entries else float("nan")
-
-
 def as_trl_reward(reward_fn: RewardFn, eos_token_ids: Sequence[int], missing_eos_penalty: float | None) -> Callable:
     """Adapt `reward_fn(prompts, completions)` to TRL's custom reward signature (keyword arguments).
 
@@ -65,6 +55,7 @@ def as_trl_reward(reward_fn: RewardFn, eos_token_ids: Sequence[int], missing_eos
     eos = set(eos_token_ids)
 
     def reward_model(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **kwargs: Any):
+        """One score per completion, as TRL calls custom reward functions."""
         if not all(isinstance(x, str) for x in [*prompts, *completions]):
             raise TypeError("reward_fn scores plain-text prompts; conversational (message list) prompts are not wired")
         scores = [float(s) for s in reward_fn(list(prompts), list(completions))]
