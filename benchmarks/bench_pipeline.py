@@ -7,6 +7,7 @@ Prints ratios rather than asserting speeds; torch's thread count is fixed and re
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import sys
@@ -17,6 +18,7 @@ import time
 def main(overrides: list[str]) -> None:
     """Run the pipeline twice in a fresh store and print the measurements."""
     root = tempfile.mkdtemp(prefix="alignflow-bench-")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ["ALIGNFLOW_ROOT"] = root
     import torch
 

@@ -16,3 +16,4 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # alignflow prints its own progress per stage
 warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator.*")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. the expected "score.weight MISSING" load report
