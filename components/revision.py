@@ -44,10 +44,19 @@ def as_chat(tokenizer, text: str) -> str:
 
 def fit_context(tokenizer, texts: list[str], limit: int) -> list[str]:
     """Keep the last `limit` tokens of each text (the request's end, which asks for the critique or revision)."""
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     fitted = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        fitted.append(text if len(ids) <= limit else tokenizer.decode(ids[-limit:]))
+        keep = limit
+        while len(ids) > limit:  # decoding and re-encoding can merge differently: shrink until it fits
+            text = tokenizer.decode(ids[-keep:])
+            if n_tokens(text) <= limit or keep == 1:
+                break
+            keep -= 1
+        fitted.append(text)
     return fitted
 
 

@@ -59,86 +59,41 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return parameters["spec"]["key"]
 
 
-def stage_task(name: str):
-    """Decorator for a stage task: cache keyed by the stage key, results persisted as JSON (never pickles)."""
-    return task(name=name, cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
+def stage_task(name: str, body: str, doc: str):
+    """A stage task: `execute` around `flows.bodies.<body>`, its Prefect cache keyed by the stage key and its
+    result persisted as JSON (nothing is ever unpickled from storage)."""
+
+    def run(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+        from flows import bodies  # imported on first use: `alignflow --help` need not load torch and TRL
+
+        return execute(spec, run, getattr(bodies, body))
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = doc
+    return task(name=name, cache_key_fn=_cache_key, persist_result=True, result_serializer="json")(run)
 
 
-@stage_task("prepare_data")
-def prepare_data(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Build or load the SFT, preference and prompt splits, validate them, and log them as MLflow datasets."""
-    from flows.bodies import prepare_data_body
-
-    return execute(spec, run, prepare_data_body)
-
-
-@stage_task("train_sft")
-def train_sft(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Supervised fine-tuning (TRL SFTTrainer) of the base model on the demonstrations."""
-    from flows.bodies import train_sft_body
-
-    return execute(spec, run, train_sft_body)
-
-
-@stage_task("train_reward_model")
-def train_reward_model(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Reward model (TRL RewardTrainer) on preference pairs, with held-out accuracy vs the Bayes ceiling."""
-    from flows.bodies import train_reward_model_body
-
-    return execute(spec, run, train_reward_model_body)
-
-
-@stage_task("train_ppo")
-def train_ppo(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Our PPO against the reward model with a KL penalty to the frozen SFT reference."""
-    from flows.bodies import train_ppo_body
-
-    return execute(spec, run, train_ppo_body)
-
-
-@stage_task("evaluate_policy")
-def evaluate_policy(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Held-out comparison of the trained policy against SFT: proxy and gold reward, win rate, KL, samples."""
-    from flows.bodies import evaluate_policy_body
-
-    return execute(spec, run, evaluate_policy_body)
-
-
-@stage_task("label_preferences")
-def label_preferences(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """RLAIF feedback: sample pairs from the SFT model and have the configured AI judge label them."""
-    from flows.bodies import label_preferences_body
-
-    return execute(spec, run, label_preferences_body)
-
-
-@stage_task("train_dpo")
-def train_dpo(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Direct preference optimisation (TRL DPOTrainer) from the SFT checkpoint, which is also the reference."""
-    from flows.bodies import train_dpo_body
-
-    return execute(spec, run, train_dpo_body)
-
-
-@stage_task("train_rloo")
-def train_rloo(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """RLOO (TRL RLOOTrainer) against the trained reward model."""
-    from flows.bodies import train_trl_rl_body
-
-    return execute(spec, run, train_trl_rl_body)
-
-
-@stage_task("train_grpo")
-def train_grpo(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """GRPO (TRL GRPOTrainer) against the trained reward model."""
-    from flows.bodies import train_trl_rl_body
-
-    return execute(spec, run, train_trl_rl_body)
-
-
-@stage_task("revise_demonstrations")
-def revise_demonstrations(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Constitutional AI supervised phase: critique and revise SFT answers principle by principle."""
-    from flows.bodies import revise_demonstrations_body
-
-    return execute(spec, run, revise_demonstrations_body)
+prepare_data = stage_task(
+    "prepare_data", "prepare_data_body",
+    "Build or load the SFT, preference and prompt splits, validate them, and log them as MLflow datasets.")
+train_sft = stage_task(
+    "train_sft", "train_sft_body", "Supervised fine-tuning (TRL SFTTrainer) of the base model on the demonstrations.")
+revise_demonstrations = stage_task(
+    "revise_demonstrations", "revise_demonstrations_body",
+    "Constitutional AI supervised phase: critique and revise SFT answers principle by principle.")
+label_preferences = stage_task(
+    "label_preferences", "label_preferences_body",
+    "RLAIF feedback: sample pairs from the SFT model and have the configured AI judge label them.")
+train_reward_model = stage_task(
+    "train_reward_model", "train_reward_model_body",
+    "Reward model (TRL RewardTrainer) on preference pairs, with held-out accuracy vs the Bayes ceiling.")
+train_ppo = stage_task(
+    "train_ppo", "train_ppo_body", "Our PPO against the reward model with a KL penalty to the frozen SFT reference.")
+train_rloo = stage_task("train_rloo", "train_trl_rl_body", "RLOO (TRL RLOOTrainer) against the trained reward model.")
+train_grpo = stage_task("train_grpo", "train_trl_rl_body", "GRPO (TRL GRPOTrainer) against the trained reward model.")
+train_dpo = stage_task(
+    "train_dpo", "train_dpo_body",
+    "Direct preference optimisation (TRL DPOTrainer) from the SFT checkpoint, which is also the reference.")
+evaluate_policy = stage_task(
+    "evaluate_policy", "evaluate_policy_body",
+    "Held-out comparison of the trained policy against SFT: proxy and gold reward, win rate, KL, samples.")

@@ -12,6 +12,16 @@ import flows  # noqa: F401  (sets Prefect's environment defaults before prefect 
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run as fast on one thread, and two OpenMP threads slow down many-fold when another torch
+    process shares the two cores; restores the previous setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect server + database for the whole session (started only by tests that run flows)."""

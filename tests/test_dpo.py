@@ -23,14 +23,7 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 96}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and two OpenMP threads slow down many-fold when another torch
-    process shares the two cores; restore the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dpo_args(output_dir: Path, **overrides):

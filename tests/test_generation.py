@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -17,26 +16,11 @@ from components.generation import (
 )
 from components.modeling import build_base_checkpoint, load_causal_lm, load_tokenizer
 from components.scoring import RewardScorer
+from tests.helpers import ARCH, synthetic_corpus
 
-ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
-WORDS = "the a cat dog sat ran on under mat log good bad very quite happy sad big small red blue".split()
 PROMPTS = ["the cat", "a dog sat on the", "very", "the big red dog ran under a small blue log and"]
 
-
-def synthetic_corpus(n_lines: int, seed: int) -> list[str]:
-    """Short random sentences over a small word list: enough for a BPE vocabulary of ~200."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(n_lines)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and two OpenMP threads slow down many-fold when another torch
-    process shares the two cores; restore the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

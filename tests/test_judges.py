@@ -40,14 +40,7 @@ GOOD = " the screen is bright and sharp. the battery lasts two days. overall it 
 BAD = " great great great great great great"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: as fast for these small models, and two OpenMP threads crawl when another process shares
-    the two cores; the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ verdicts & helpers

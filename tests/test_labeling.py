@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from components.judge_http import HTTPSettings
@@ -210,13 +209,6 @@ def tiny_lm(tmp_path_factory) -> str:
     return build_base_checkpoint(corpus, arch, vocab_size=100, seed=0, out_dir=tmp_path_factory.mktemp("lm"))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run as fast on one thread, and two OpenMP threads crawl when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_sample_pairs_draws_two_different_completions(tiny_lm, one_thread):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -30,15 +29,7 @@ from components.ppo import (
     train_ppo,
     value_loss,
 )
-
-ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
-WORDS = "the a cat dog sat ran on under mat log good bad very quite happy sad big small red blue".split()
-
-
-def synthetic_corpus(n_lines: int, seed: int) -> list[str]:
-    """Short random sentences over a small word list."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(n_lines)]
+from tests.helpers import ARCH, synthetic_corpus
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +39,7 @@ def tiny_path(tmp_path_factory) -> str:
     return build_base_checkpoint(synthetic_corpus(300, 0), ARCH, vocab_size=200, seed=0, out_dir=out)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and two OpenMP threads slow down many-fold when another torch
-    process shares the two cores; restore the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def settings(**overrides) -> PPOSettings:

@@ -28,14 +28,7 @@ WORD = "the"
 TRAINERS = {"rloo": train_rloo, "grpo": train_grpo}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and two OpenMP threads slow down many-fold when another torch
-    process shares the two cores; restore the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count_word(prompts: list[str], completions: list[str]) -> list[float]:
