@@ -262,7 +262,7 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
     prompts = list(load_split(spec["upstream"]["data"], "prompts")["prompt"])[: s["n_pairs"]]
     pairs = sample_pairs(_sft_model(spec), prompts, s["max_new_tokens"], s["temperature"], s["batch_size"], s["seed"],
                          device=device)
-    judge = build_judge(cfg["kind"], {**cfg["settings"], "device": device}, cfg["principles"])
+    judge = build_judge(cfg["kind"], cfg["settings"], cfg["principles"])
     # Verdicts live outside the stage directory, keyed by judge and pair: a failed attempt keeps what it paid for.
     cache = Path(spec["dir"]).parents[1] / "judge_cache" / f"{judge.fingerprint()}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from components.judges import JudgeError
 from flows.pipeline import alignflow
 from tests.conftest import SMOKE
+from tests.test_judges import FakeChatServer
 from tests.test_pipeline import metrics_of, stage_runs
 
 EVAL_KEYS = {"eval/gold_reward_mean", "eval/gold_reward_mean_sft", "eval/win_rate_vs_sft", "eval/kl_to_sft"}
@@ -101,3 +104,36 @@ def test_cli_sweep_groups_jobs_under_one_parent(variants):
     for job in jobs:  # everything was already computed by the tests above: the sweep trains nothing
         children = stage_runs(root, job.info.run_id)
         assert all(c["tags"]["alignflow.cached"] == "true" for c in children.values())
+
+
+def longer_wins(n, body):
+    """A consistent fake judge: the longer response wins, wherever it is shown."""
+    text = body["messages"][-1]["content"]
+    a, b = re.search(r"Response A: (.*?)\n\nResponse B: (.*?)\n\n", text, re.S).groups()
+    return 200, {}, "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie", 0.0
+
+
+def test_failing_judge_keeps_its_labels_and_a_rerun_asks_only_for_the_rest(variants, monkeypatch):
+    monkeypatch.setenv("ALIGNFLOW_TEST_JUDGE_KEY", "sk-test-secret")
+    served, state = 16, {"broken": True}  # 2 batches of 4 pairs in both orders, then the endpoint breaks down
+
+    def flaky_endpoint(n, body):
+        return longer_wins(n, body) if n < served or not state["broken"] else (500, {}, "overloaded", 0.0)
+
+    def args(url):
+        return [*SMOKE, "pipeline=rlaif", "judge=openai_compatible", f"judge.settings.base_url={url}",
+                "judge.settings.model=fake", "judge.settings.api_key_env=ALIGNFLOW_TEST_JUDGE_KEY",
+                "judge.settings.max_retries=1", "judge.settings.backoff_base=0.01", "judge.settings.backoff_max=0.02",
+                "judge.settings.concurrency=2", "judge.sampling.n_pairs=24", "judge.batch_size=4",
+                "rl.total_updates=2"]
+
+    with FakeChatServer(flaky_endpoint) as server:  # one endpoint (the judge's identity includes its URL)
+        with pytest.raises(JudgeError, match="failed on pair"):
+            alignflow(overrides=args(server.url))
+        state["broken"], first = False, len(server.requests)
+        summary = alignflow(overrides=args(server.url))
+        second = len(server.requests) - first
+    label = next(s for s in summary["stages"] if s["stage"] == "label")
+    n_pairs = label["metrics"]["label/n_pairs"]
+    assert second == 2 * (n_pairs - 8)  # the 8 pairs judged before the failure are never asked again
+    assert "sk-test-secret" not in json.dumps(summary)
