@@ -204,3 +204,20 @@ def sequence_logprobs(
     return completion_token_stats(
         logits, input_ids[:, n_prompt:], completion_mask, temperature, return_entropy
     )
+
+
+def render_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Prompts as the text a model continues: strings as they are, conversations (lists of {role, content})
+    through the tokenizer's chat template with the generation prompt, so on-policy sampling sees what SFT saw."""
+    rendered = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            rendered.append(prompt)
+        elif getattr(tokenizer, "chat_template", None):
+            rendered.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+        else:
+            raise ValueError(
+                "conversational prompts need a tokenizer with a chat template: use an instruction model "
+                "(model=…), or give prompts as plain strings"
+            )
+    return rendered

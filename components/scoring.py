@@ -34,7 +34,16 @@ class RewardScorer:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         eos = self.tokenizer.eos_token
-        return [p + c + eos for p, c in zip(prompts, completions, strict=True)]
+        return [
+            p + c + eos if isinstance(p, str) and isinstance(c, str) else self._conversation(p, c)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+
+    def _conversation(self, prompt: list[dict], completion: list[dict] | str) -> str:
+        """A conversational pair rendered by the chat template, as TRL's RewardTrainer tokenises it."""
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        return self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], batch_size: int) -> list[float]:

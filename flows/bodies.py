@@ -122,6 +122,15 @@ def train_reward_model_body(spec: dict[str, Any], stage_dir: Path, run_id: str) 
     return metrics
 
 
+def load_prompts(result: dict[str, Any], split: str, model_path: str, limit: int | None = None) -> list[str]:
+    """Prompts of a split as text for `model_path`'s tokenizer (conversations rendered by its chat template)."""
+    from components.generation import render_prompts
+    from components.modeling import load_tokenizer
+
+    prompts = list(load_split(result, split)["prompt"])[: limit or None]
+    return render_prompts(prompts, load_tokenizer(model_path))
+
+
 def _feedback(spec: dict[str, Any]) -> dict[str, Any]:
     """Where the training pairs come from: the AI-labelled set when the pipeline has one, else the data."""
     return spec["upstream"].get("label") or spec["upstream"]["data"]
@@ -136,15 +145,14 @@ def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
     rl = spec["config"]["rl"]
     device = resolve_device(spec["config"]["device"])
     scorer = RewardScorer(str(Path(spec["upstream"]["reward"]["path"]) / "model"), device, None)
-    prompts = list(load_split(spec["upstream"]["data"], "prompts")["prompt"])
+    prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec))
     logger = StageLogger("ppo", run_id, rl["total_updates"], "ppo/mean_reward")
 
     def reward_fn(p: list[str], c: list[str]) -> list[float]:
         return scorer.score(p, c, rl["reward_batch_size"])
 
     settings = PPOSettings(**ppo_settings_kwargs(rl))
-    sft_path = str(Path(spec["upstream"]["sft"]["path"]) / "model")
-    metrics = train_ppo(sft_path, prompts, reward_fn, settings, str(stage_dir / "model"), logger)
+    metrics = train_ppo(_sft_model(spec), prompts, reward_fn, settings, str(stage_dir / "model"), logger)
     _log_model_dir(spec, stage_dir / "model")
     return {k: float(v) for k, v in metrics.items()}
 
@@ -156,7 +164,7 @@ def evaluate_policy_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> 
 
     cfg, up = spec["config"]["eval"], spec["upstream"]
     device = resolve_device(spec["config"]["device"])
-    prompts = list(load_split(up["data"], "eval_prompts")["prompt"])[: cfg["max_prompts"] or None]
+    prompts = load_prompts(up["data"], "eval_prompts", _sft_model(spec), cfg["max_prompts"])
     scorer = RewardScorer(str(Path(up["reward"]["path"]) / "model"), device, None) if "reward" in up else None
     settings = EvalSettings(cfg["max_new_tokens"], cfg["temperature"], cfg["batch_size"], cfg["seed"])
     metrics, rows = compare_policies(str(Path(up["policy"]["path"]) / "model"),
@@ -210,9 +218,7 @@ def train_trl_rl_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dic
     algo = rl["algorithm"]
     device = resolve_device(spec["config"]["device"])
     scorer = RewardScorer(str(Path(spec["upstream"]["reward"]["path"]) / "model"), device, None)
-    prompts = load_split(spec["upstream"]["data"], "prompts")
-    if rl.get("max_prompts"):
-        prompts = prompts.select(range(min(rl["max_prompts"], len(prompts))))
+    prompts = Dataset.from_dict({"prompt": load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec))})
     args = instantiate(rl["args"], output_dir=str(stage_dir / "trainer"))
 
     def reward_fn(p: list[str], c: list[str]) -> list[float]:
@@ -234,7 +240,7 @@ def revise_demonstrations_body(spec: dict[str, Any], stage_dir: Path, run_id: st
 
     cfg = spec["config"]["revision"]
     device = resolve_device(spec["config"]["device"])
-    prompts = list(load_split(spec["upstream"]["data"], "prompts")["prompt"])[: cfg["n_prompts"]]
+    prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec), cfg["n_prompts"])
     s = RevisionSettings(cfg["max_new_tokens"], cfg["temperature"], cfg["batch_size"], cfg["seed"])
     sft = load_causal_lm(_sft_model(spec)).to(device).eval()
     answers = sample_completions(sft, load_tokenizer(_sft_model(spec)), prompts, s.max_new_tokens, s.temperature,
@@ -259,7 +265,7 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
     cfg = spec["config"]["judge"]
     device = resolve_device(spec["config"]["device"])
     s = cfg["sampling"]
-    prompts = list(load_split(spec["upstream"]["data"], "prompts")["prompt"])[: s["n_pairs"]]
+    prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec), s["n_pairs"])
     pairs = sample_pairs(_sft_model(spec), prompts, s["max_new_tokens"], s["temperature"], s["batch_size"], s["seed"],
                          device=device)
     judge = build_judge(cfg["kind"], cfg["settings"], cfg["principles"])

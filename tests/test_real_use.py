@@ -6,6 +6,7 @@ write, since tests never touch the network. A malformed dataset fails in prepare
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -69,3 +70,39 @@ def test_malformed_dataset_fails_before_training(prefect_harness, store, user_fi
     client = MlflowClient(f"sqlite:///{store}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("alignflow").experiment_id])
     assert {r.info.status for r in runs} == {"FAILED"}
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_conversational_data_runs_through_the_chat_template(prefect_harness, store, user_files, tmp_path):
+    """`messages` demos and conversational pairs with implicit prompts: TRL's other standard formats."""
+    from components.modeling import load_tokenizer
+
+    splits = build_embedded_splits(200, 120, 10, 20, 10, 0.2, seed=4)
+
+    def chat(prompt: str, answer: str) -> list[dict]:
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer.strip()}]
+
+    demos = [{"messages": chat(r["prompt"], r["completion"])} for r in splits["sft"]]
+    pairs = [{"chosen": chat(r["prompt"], r["chosen"]), "rejected": chat(r["prompt"], r["rejected"])}
+             for r in splits["preference"]]
+    pd.DataFrame(demos).to_json(tmp_path / "demos.jsonl", orient="records", lines=True)
+    pd.DataFrame(pairs).to_json(tmp_path / "pairs.jsonl", orient="records", lines=True)
+    model = shutil.copytree(user_files["model"], tmp_path / "chat_model")  # the same model, with a chat template
+    tokenizer = load_tokenizer(str(model))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model)
+    args = [a for a in overrides({**user_files, "model": model})
+            if not a.startswith(("data.sft.path", "data.preference.path"))]
+    summary = alignflow(overrides=[*args, f"data.sft.path={tmp_path / 'demos.jsonl'}",
+                                   f"data.preference.path={tmp_path / 'pairs.jsonl'}"])
+    metrics = {k: v for s in summary["stages"] for k, v in s["metrics"].items()}
+    assert metrics["data/n_preference"] == 108
+    assert 0.0 <= metrics["reward/eval_accuracy"] <= 1.0 and "eval/proxy_win_rate_vs_sft" in metrics
+    eval_dir = next(s["path"] for s in summary["stages"] if s["stage"] == "eval")
+    first = pd.read_json(f"{eval_dir}/samples.jsonl", lines=True).iloc[0]
+    assert first["prompt"].startswith("user: Review of the") and first["prompt"].endswith("assistant:")
