@@ -6,6 +6,7 @@ marker and the child run around it. Bodies are the only place that knows how sta
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,9 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
     prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec), s["n_pairs"])
     pairs = sample_pairs(_sft_model(spec), prompts, s["max_new_tokens"], s["temperature"], s["batch_size"], s["seed"],
                          device=device)
+    pairs_digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:16]
     judge = build_judge(cfg["kind"], cfg["settings"], cfg["principles"])
+    mlflow.set_tags({"alignflow.judge": judge.fingerprint(), "alignflow.pairs_fingerprint": pairs_digest})
     # Verdicts live outside the stage directory, keyed by judge and pair: a failed attempt keeps what it paid for.
     cache = Path(spec["dir"]).parents[1] / "judge_cache" / f"{judge.fingerprint()}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)
