@@ -25,9 +25,8 @@ from components.judges import (
     fingerprint_of,
     label_of,
     render_constitution,
-    resolve_device,
 )
-from components.modeling import load_causal_lm, load_tokenizer
+from components.modeling import load_causal_lm, load_tokenizer, resolve_device
 
 LABELS = ("A", "B")
 

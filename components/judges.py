@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from components.modeling import resolve_device
+
 PREFERENCE_VALUES = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
@@ -139,13 +141,6 @@ def settings_from(cls: type, kind: str, settings: Mapping[str, Any]) -> Any:
     if missing or unknown:
         raise ValueError(f"judge {kind!r} settings: missing {sorted(missing)}, unknown {sorted(unknown)}")
     return cls(**dict(settings))
-
-
-def resolve_device(device: str) -> str:
-    """`auto` → cuda when available, else cpu; any other torch device string as given."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def label_of(p_first: float, tie_margin: float) -> str:

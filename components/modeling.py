@@ -103,6 +103,13 @@ def load_reward_model(name_or_path: str, dtype: torch.dtype | None = None) -> Pr
     return model
 
 
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when available, else cpu; any other torch device string as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of parameters, for logging the model size."""
     return sum(p.numel() for p in model.parameters())

@@ -26,7 +26,7 @@ from components.generation import (
     sample_completions,
     sequence_logprobs,
 )
-from components.modeling import load_causal_lm, load_tokenizer
+from components.modeling import load_causal_lm, load_tokenizer, resolve_device
 
 VARIANCE_EPS = 1e-8  # numerical floor in whitening, not a tunable
 ADAPTIVE_KL_ERROR_CLIP = 0.2  # Ziegler et al. 2019 clip the proportional error to ±0.2
@@ -289,13 +289,6 @@ def make_kl_controller(settings: PPOSettings) -> FixedKLController | AdaptiveKLC
     return FixedKLController(settings.kl_coef)
 
 
-def resolve_device(name: str) -> torch.device:
-    """Turn "auto" into cuda when available, else cpu; pass other names through."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def policy_forward(
     policy: ValueHeadModel,
     input_ids: torch.Tensor,
@@ -515,7 +508,7 @@ def train_ppo(
     after every update (0-based index) with plain floats. Returns the last update's metrics.
     """
     torch.manual_seed(settings.seed)
-    device = resolve_device(settings.device)
+    device = torch.device(resolve_device(settings.device))
     policy, ref, tokenizer = load_policy_and_reference(policy_path, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate)

@@ -13,20 +13,13 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-import torch
 from datasets import Dataset
 from hydra.utils import instantiate
 
+from components.modeling import resolve_device
 from flows.progress import StageLogger
 
 SPLITS = ("sft", "preference", "preference_eval", "prompts", "eval_prompts")
-
-
-def resolve_device(device: str) -> str:
-    """`auto` → cuda when available, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load_split(result: dict[str, Any], split: str, log: bool = True) -> Dataset:
@@ -109,7 +102,7 @@ def train_reward_model_body(spec: dict[str, Any], stage_dir: Path, run_id: str) 
 
     cfg = spec["config"]["reward"]
     data = spec["upstream"]["data"]
-    init = cfg["model_name_or_path"] or str(Path(spec["upstream"]["sft"]["path"]) / "model")
+    init = cfg["model_name_or_path"] or _sft_model(spec)
     pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
     args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("reward", run_id, None, "reward/loss")
