@@ -7,6 +7,7 @@ go, Prefect cache options, the MLflow parent run, and the summary table printed 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ class Pipeline:
         outcome = "finished" if ok else "FAILED"
         log.info("pipeline %s %s after %.1fs\n%s", self.cfg["pipeline"]["name"], outcome, total, table)
         uri = self.cfg["tracking"]["tracking_uri"]
-        log.info("MLflow run %s; browse with:  mlflow ui --backend-store-uri %s", self.run_id, uri)
+        mlflow_cli = Path(sys.executable).parent / "mlflow"  # the one installed beside alignflow (.venv/bin)
+        log.info("MLflow run %s; browse with:  %s ui --backend-store-uri %s", self.run_id, mlflow_cli, uri)
         return {"mlflow_run_id": self.run_id, "seconds": total, "stages": self.results}
 
 

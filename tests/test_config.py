@@ -70,3 +70,14 @@ def test_cli_rejects_bad_config_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert "rl.cliprange" in proc.stdout + proc.stderr
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize("search", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
+def test_hparams_searches_compose_with_sweeper_params(search):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params  # the grid `alignflow -m hparams_search=…` expands
+    validate_config(compose_config([f"hparams_search={search}"]))
