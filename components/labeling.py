@@ -109,9 +109,13 @@ def _append(cache_path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
-def label_pairs(judge: Judge, pairs: list[dict[str, str]], cache_path: Path, batch_size: int) -> list[Verdict]:
+def label_pairs(
+    judge: Judge, pairs: list[dict[str, str]], cache_path: Path, batch_size: int,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[Verdict]:
     """One verdict per pair, asking the judge only for pairs missing from the cache, `batch_size` at a time.
 
+    `on_log(pairs_asked, metrics)` reports progress after each batch (`label/total_steps` = pairs to ask).
     Each judged batch is appended to `cache_path` before the next is asked. If the judge fails, the exception
     propagates (a `JudgeError` re-raised with the index into `pairs`) and the cache keeps every earlier batch.
     """
@@ -140,6 +144,9 @@ def label_pairs(judge: Judge, pairs: list[dict[str, str]], cache_path: Path, bat
             raise RuntimeError(f"judge returned {len(verdicts)} verdicts for {len(rows)} pairs")
         _append(cache_path, [{"key": keys[i], "verdict": v.to_dict()} for i, v in zip(batch, verdicts, strict=True)])
         cache.update((keys[i], v) for i, v in zip(batch, verdicts, strict=True))
+        if on_log is not None:
+            asked = start + len(batch)
+            on_log(asked, {"label/total_steps": float(len(todo)), "label/pairs_asked": float(asked)})
     return [cache[k] for k in keys]
 
 

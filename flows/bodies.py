@@ -268,7 +268,8 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
     # Verdicts live outside the stage directory, keyed by judge and pair: a failed attempt keeps what it paid for.
     cache = Path(spec["dir"]).parents[1] / "judge_cache" / f"{judge.fingerprint()}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    verdicts = label_pairs(judge, pairs, cache, cfg["batch_size"])
+    progress = StageLogger("label", run_id, None, "label/pairs_asked")
+    verdicts = label_pairs(judge, pairs, cache, cfg["batch_size"], progress)
     prefs = to_preferences(pairs, verdicts)
     Dataset.from_list(prefs).to_json(str(stage_dir / "preference.jsonl"), lines=True)
     (stage_dir / "meta.json").write_text(json.dumps({"name": f"ai-{cfg['kind']}"}))

@@ -31,6 +31,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", err)
         raise SystemExit(2) from err
     from components.data import DatasetValidationError
+    from components.judges import JudgeError
     from flows.pipeline import alignflow
     from flows.tracking import get_or_create_sweep_run, init_tracking
 
@@ -40,7 +41,7 @@ def main(cfg: DictConfig) -> float | None:
         parent = get_or_create_sweep_run(init_tracking(tracking), hc.sweep.dir, overrides)
     try:
         summary = alignflow(overrides=overrides, parent_run_id=parent)
-    except DatasetValidationError as err:  # the flow failed in prepare_data: nothing was trained
+    except (DatasetValidationError, JudgeError) as err:  # clear, expected failures: no traceback needed
         log.error("%s", err)
         raise SystemExit(2) from err
     metrics = {k: v for stage in summary["stages"] for k, v in stage["metrics"].items()}
