@@ -29,7 +29,7 @@ class ForwardLogs(TrainerCallback):
         if self.sink is None or not logs:
             return
         numbers = {
-            f"{self.prefix}/{k.removeprefix('train_')}": float(v)
+            f"{self.prefix}/{k}": float(v)  # the end-of-run summary keeps train_*: its loss is a run mean
             for k, v in logs.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }

@@ -140,7 +140,7 @@ def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
     device = resolve_device(spec["config"]["device"])
     scorer = RewardScorer(str(Path(spec["upstream"]["reward"]["path"]) / "model"), device, None)
     prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec))
-    logger = StageLogger("ppo", run_id, rl["total_updates"], "ppo/mean_reward")
+    logger = StageLogger("ppo", run_id, rl["total_updates"], "ppo/mean_reward", zero_based=True)
 
     def reward_fn(p: list[str], c: list[str]) -> list[float]:
         return scorer.score(p, c, rl["reward_batch_size"])

@@ -14,8 +14,10 @@ log = logging.getLogger("alignflow")
 class StageLogger:
     """`on_log(step, metrics)` for a stage: logs the numbers to its MLflow run and prints progress with an ETA."""
 
-    def __init__(self, stage: str, run_id: str, total: int | None, key_metric: str, every_s: float = 5.0) -> None:
+    def __init__(self, stage: str, run_id: str, total: int | None, key_metric: str, every_s: float = 5.0,
+                 zero_based: bool = False) -> None:
         self.stage, self.run_id, self.total, self.key_metric = stage, run_id, total, key_metric
+        self.offset = 1 if zero_based else 0  # our PPO counts updates from 0; HF trainers count steps from 1
         self.every_s = every_s
         self.start = time.monotonic()
         self.last_print = 0.0
@@ -23,6 +25,7 @@ class StageLogger:
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         total = int(metrics.pop(f"{self.stage}/total_steps", 0) or self.total or 0)
         log_metrics(self.run_id, metrics, step)
+        step += self.offset
         now = time.monotonic()
         done = step >= total > 0
         if now - self.last_print < self.every_s and not done:
