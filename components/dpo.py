@@ -14,7 +14,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from components.modeling import load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger, last_logged, quiet
+from components.training import ForwardLogs, StepLogger, last_logged, train_and_save
 
 #: Summary name → the key DPOTrainer logs it under (averaged over the last logging window).
 LAST_WINDOW_METRICS = {
@@ -46,14 +46,6 @@ def train_dpo(
         processing_class=tokenizer,
         callbacks=[ForwardLogs("dpo", on_log)],
     )
-    result = quiet(trainer).train()
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    run = train_and_save(trainer, tokenizer, output_dir, "dpo")
     history = trainer.state.log_history
-    summary = {name: last_logged(history, key) for name, key in LAST_WINDOW_METRICS.items()}
-    return summary | {
-        "dpo/train_loss": float(result.training_loss),
-        "dpo/train_seconds": float(result.metrics.get("train_runtime", 0.0)),
-        "dpo/steps": float(result.global_step),
-    }
+    return {name: last_logged(history, key) for name, key in LAST_WINDOW_METRICS.items()} | run

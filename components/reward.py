@@ -13,7 +13,7 @@ from trl import RewardConfig, RewardTrainer
 
 from components.modeling import load_reward_model, load_tokenizer
 from components.scoring import RewardScorer
-from components.training import ForwardLogs, StepLogger, quiet
+from components.training import ForwardLogs, StepLogger, train_and_save
 
 
 def train_reward_model(
@@ -30,14 +30,7 @@ def train_reward_model(
         processing_class=tokenizer,
         callbacks=[ForwardLogs("reward", on_log)],
     )
-    result = quiet(trainer).train()
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    return {
-        "reward/train_loss": float(result.training_loss),
-        "reward/train_seconds": float(result.metrics.get("train_runtime", 0.0)),
-        "reward/steps": float(result.global_step),
-    }
+    return train_and_save(trainer, tokenizer, output_dir, "reward")
 
 
 def pairwise_accuracy(scorer: RewardScorer, pairs: Dataset, batch_size: int) -> dict[str, float]:

@@ -8,7 +8,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from components.modeling import load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger, quiet
+from components.training import ForwardLogs, StepLogger, train_and_save
 
 
 def train_sft(
@@ -24,12 +24,4 @@ def train_sft(
         processing_class=tokenizer,
         callbacks=[ForwardLogs("sft", on_log)],
     )
-    result = quiet(trainer).train()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    return {
-        "sft/train_loss": float(result.training_loss),
-        "sft/train_seconds": float(result.metrics.get("train_runtime", 0.0)),
-        "sft/steps": float(result.global_step),
-    }
+    return train_and_save(trainer, tokenizer, output_dir, "sft")

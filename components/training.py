@@ -7,6 +7,7 @@ and metric tracking live in one place (the flow) and components stay free of tra
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from transformers import PrinterCallback, Trainer, TrainerCallback
@@ -51,3 +52,19 @@ def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
     steps = [h for h in log_history if h.get(key) is not None and "train_runtime" not in h]
     entries = steps or [h for h in log_history if h.get(key) is not None]
     return float(entries[-1][key]) if entries else float("nan")
+
+
+def train_and_save(trainer: Trainer, tokenizer, output_dir: str | Path, prefix: str) -> dict[str, float]:
+    """Train quietly, save model and tokenizer as a checkpoint in `output_dir`, return the run's summary:
+    `<prefix>/train_loss` (mean over the run), `<prefix>/train_seconds` and `<prefix>/steps`."""
+    result = quiet(trainer).train()
+    generation = getattr(trainer.model, "generation_config", None)
+    if generation is not None:  # sampling from the saved checkpoint must pad with the tokenizer's pad token
+        generation.pad_token_id = tokenizer.pad_token_id
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    return {
+        f"{prefix}/train_loss": float(result.training_loss),
+        f"{prefix}/train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+        f"{prefix}/steps": float(result.global_step),
+    }

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, Trainer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from components.modeling import load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger, last_logged, quiet
+from components.training import ForwardLogs, StepLogger, last_logged, train_and_save
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -125,17 +125,9 @@ def _train(
     for model in (policy, trainer.ref_model):  # ref_model is None when beta == 0
         if model is not None:
             positions_from_mask(model)
-    result = quiet(trainer).train()
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    run = train_and_save(trainer, tokenizer, output_dir, algo)
     history = trainer.state.log_history
-    summary = {f"{algo}/{name}": last_logged(history, key) for name, key in LAST_WINDOW_METRICS.items()}
-    return summary | {
-        f"{algo}/train_loss": float(result.training_loss),
-        f"{algo}/train_seconds": float(result.metrics.get("train_runtime", 0.0)),
-        f"{algo}/steps": float(result.global_step),
-    }
+    return {f"{algo}/{name}": last_logged(history, key) for name, key in LAST_WINDOW_METRICS.items()} | run
 
 
 def train_rloo(
