@@ -7,7 +7,7 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from components.modeling import load_causal_lm, load_tokenizer
+from components.modeling import count_parameters, load_causal_lm, load_tokenizer
 from components.training import ForwardLogs, StepLogger, train_and_save
 
 
@@ -24,4 +24,4 @@ def train_sft(
         processing_class=tokenizer,
         callbacks=[ForwardLogs("sft", on_log)],
     )
-    return train_and_save(trainer, tokenizer, output_dir, "sft")
+    return train_and_save(trainer, tokenizer, output_dir, "sft") | {"sft/n_parameters": float(count_parameters(model))}

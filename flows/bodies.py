@@ -66,17 +66,15 @@ def prepare_data_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dic
 
 def _base_model(spec: dict[str, Any], stage_dir: Path) -> str:
     from components.embedded import corpus
-    from components.modeling import build_base_checkpoint, count_parameters, load_causal_lm
+    from components.modeling import build_base_checkpoint
 
     model = spec["config"]["model"]
     if model["name_or_path"]:
         return model["name_or_path"]
     data = spec["upstream"]["data"]
     texts = corpus({s: load_split(data, s, log=False).to_list() for s in SPLITS})
-    path = build_base_checkpoint(texts, model["init"]["arch"], model["init"]["vocab_size"],
+    return build_base_checkpoint(texts, model["init"]["arch"], model["init"]["vocab_size"],
                                  spec["config"]["seed"], stage_dir / "base")
-    mlflow.log_metric("sft/n_parameters", count_parameters(load_causal_lm(path)))
-    return path
 
 
 def train_sft_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:

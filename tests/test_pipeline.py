@@ -41,6 +41,7 @@ def test_pipeline_improves_on_sft_honestly(first_run):
     m = metrics_of(summary)
     assert [s["stage"] for s in summary["stages"]] == ["data", "sft", "reward", "ppo", "eval"]
     assert not any(s["cached"] for s in summary["stages"])
+    assert 5e5 < m["sft/n_parameters"] < 5e6  # the embedded model is built from config at ~1 M parameters
     # The reward model clearly beats chance and stays under the annotator's Bayes ceiling (+ sampling noise).
     assert 0.6 < m["reward/eval_accuracy"] <= m["reward/bayes_ceiling"] + 0.05
     # The policy beats SFT on the gold reward, with a finite, positive KL to SFT.
