@@ -13,8 +13,9 @@ from pathlib import Path
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
+from components.hooks import StepLogger
 from components.modeling import load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger, last_logged, train_and_save
+from components.training import ForwardLogs, last_logged, train_and_save
 
 #: Summary name → the key DPOTrainer logs it under (averaged over the last logging window).
 LAST_WINDOW_METRICS = {

@@ -7,26 +7,12 @@ KL(policy ‖ SFT) on the policy's own samples say whether it improved honestly 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
-from components.generation import Rollout, sample_completions, sequence_logprobs
+from components.generation import Rollout, SamplingSettings, sample, sequence_logprobs
+from components.hooks import GoldFn
 from components.modeling import load_causal_lm, load_tokenizer
 from components.scoring import RewardScorer
-
-GoldFn = Callable[[list[str], list[str]], list[float]]
-
-
-@dataclass
-class EvalSettings:
-    """Sampling settings for evaluation (values come from the `eval` config group)."""
-
-    max_new_tokens: int
-    temperature: float
-    batch_size: int
-    seed: int
 
 
 def win_rate(ours: list[float], theirs: list[float]) -> float:
@@ -53,19 +39,15 @@ def kl_to_reference(policy, reference, rollout: Rollout, temperature: float, bat
     return out
 
 
-def _sample(model, tokenizer, prompts: list[str], s: EvalSettings) -> Rollout:
-    return sample_completions(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.batch_size, s.seed)
-
-
 def compare_policies(
-    policy_path: str, sft_path: str, prompts: list[str], settings: EvalSettings, device: str,
+    policy_path: str, sft_path: str, prompts: list[str], settings: SamplingSettings, device: str,
     scorer: RewardScorer | None, gold_fn: GoldFn | None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Sample from policy and SFT on `prompts`; return `eval/*` metrics and one table row per prompt."""
     tokenizer = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path).to(device).eval()
     sft = load_causal_lm(sft_path).to(device).eval()
-    ours, base = _sample(policy, tokenizer, prompts, settings), _sample(sft, tokenizer, prompts, settings)
+    ours, base = sample(policy, tokenizer, prompts, settings), sample(sft, tokenizer, prompts, settings)
     kl = kl_to_reference(policy, sft, ours, settings.temperature, settings.batch_size)
     metrics = {
         "eval/kl_to_sft": mean(kl),

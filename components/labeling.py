@@ -16,40 +16,29 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from components.generation import SamplingSettings
+from components.hooks import GoldFn, StepLogger
 from components.judges import Judge, JudgeError, Verdict
 
 logger = logging.getLogger(__name__)
 
-GoldFn = Callable[[list[str]], list[float]]
-
-
-def sample_pairs(
-    model_path: str,
-    prompts: list[str],
-    max_new_tokens: int,
-    temperature: float,
-    batch_size: int,
-    seed: int,
-    *,
-    device: str,
-) -> list[dict[str, str]]:
+def sample_pairs(model_path: str, prompts: list[str], settings: SamplingSettings, device: str) -> list[dict[str, str]]:
     """Two completions per prompt from the SFT model, with two different sampling seeds; identical pairs dropped.
 
     Rows are `{prompt, response_a, response_b}`. The seeds are 2*seed and 2*seed + 1, so runs with different
     seeds never share a sample stream. `device` is where the model samples (a torch device string).
     """
-    from components.generation import sample_completions
+    from components.generation import sample
     from components.modeling import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path).to(device).eval()
     first, second = (
-        sample_completions(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, s).texts
-        for s in (2 * seed, 2 * seed + 1)
+        sample(model, tokenizer, prompts, settings, seed=s).texts for s in (2 * settings.seed, 2 * settings.seed + 1)
     )
     rows = [
         {"prompt": p, "response_a": a, "response_b": b}
@@ -111,7 +100,7 @@ def _append(cache_path: Path, records: list[dict[str, Any]]) -> None:
 
 def label_pairs(
     judge: Judge, pairs: list[dict[str, str]], cache_path: Path, batch_size: int,
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_log: StepLogger | None = None,
 ) -> list[Verdict]:
     """One verdict per pair, asking the judge only for pairs missing from the cache, `batch_size` at a time.
 
@@ -172,8 +161,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _gold_agreement(pairs: Sequence[dict[str, str]], verdicts: Sequence[Verdict], gold_fn: GoldFn) -> dict[str, float]:
     """Share of non-tied verdicts that order the pair as the gold reward does (gold ties are left out)."""
     decided = [(p, v) for p, v in zip(pairs, verdicts, strict=True) if v.preference != 0.5]
-    gold_a = gold_fn([p["response_a"] for p, _ in decided])
-    gold_b = gold_fn([p["response_b"] for p, _ in decided])
+    prompts = [p["prompt"] for p, _ in decided]
+    gold_a = gold_fn(prompts, [p["response_a"] for p, _ in decided])
+    gold_b = gold_fn(prompts, [p["response_b"] for p, _ in decided])
     hits = [
         (v.preference > 0.5) == (ga > gb) for (_, v), ga, gb in zip(decided, gold_a, gold_b, strict=True) if ga != gb
     ]
@@ -185,7 +175,7 @@ def label_stats(
 ) -> dict[str, float]:
     """Label summary for logging: counts, tie and position-bias rates, per-principle score mean/std, gold agreement.
 
-    `gold_fn` maps completions to gold rewards (the embedded task's `gold_rewards`), or None for real data.
+    `gold_fn` maps (prompts, completions) to gold rewards (the embedded task's `gold_rewards`), or None for real data.
     A rate whose denominator is empty (no two-order verdicts, no decided pairs) is left out rather than faked.
     """
     if len(pairs) != len(verdicts):

@@ -11,9 +11,10 @@ are separate functions so they can be checked against hand-computed values. Ever
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from components.generation import (
     sample_completions,
     sequence_logprobs,
 )
+from components.hooks import RewardFn, StepLogger
 from components.modeling import load_causal_lm, load_tokenizer, resolve_device
 
 VARIANCE_EPS = 1e-8  # numerical floor in whitening, not a tunable
@@ -257,14 +259,60 @@ class PPOSettings:
     device: str  # "cpu", "cuda", "cuda:0", … or "auto" (cuda when available)
 
     def __post_init__(self) -> None:
-        """Reject values that would fail late, in the middle of a run."""
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        for name in ("total_updates", "batch_size", "mini_batch_size", "ppo_epochs", "rollout_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.mini_batch_size > self.batch_size:
-            raise ValueError("mini_batch_size must not exceed batch_size")
+        """Reject values that would fail late, in the middle of a run; the message names the field and the fix."""
+        for name, (ok, fix) in _PPO_CHECKS.items():
+            value = getattr(self, name)
+            if not _holds(ok, value):
+                raise ValueError(f"{name} = {value!r} is invalid: {fix}")
+        if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
+            raise ValueError(f"mini_batch_size = {self.mini_batch_size} is invalid: it must divide batch_size "
+                             f"= {self.batch_size}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> PPOSettings:
+        """Settings from the `rl` config node: every field must be there; keys alignflow reads itself are skipped."""
+        known = {f.name for f in fields(cls)}
+        for name in sorted(known - set(cfg)):
+            raise ValueError(f"{name} is missing: add it to the rl config")
+        for name in sorted(set(cfg) - known - RL_KEYS_READ_ELSEWHERE):
+            raise ValueError(f"{name} is unknown to PPO: remove it or fix its spelling")
+        return cls(**{name: cfg[name] for name in known})
+
+
+def _holds(ok: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(ok(value))
+    except TypeError:
+        return False
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+RL_KEYS_READ_ELSEWHERE = {"algorithm", "reward_batch_size"}  # the rl node's keys the flow reads, not PPO
+_POSITIVE = (lambda v: _number(v) and v > 0, "use a number > 0")
+_COUNT = (_count, "use a positive integer")
+_PPO_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "total_updates": _COUNT, "batch_size": _COUNT, "mini_batch_size": _COUNT, "ppo_epochs": _COUNT,
+    "rollout_batch_size": _COUNT, "max_new_tokens": _COUNT, "kl_horizon": _POSITIVE,
+    "learning_rate": _POSITIVE, "temperature": _POSITIVE, "target_kl": _POSITIVE, "cliprange_value": _POSITIVE,
+    "max_grad_norm": _POSITIVE,
+    "kl_coef": (lambda v: _number(v) and v >= 0, "use a number >= 0"),
+    "vf_coef": (lambda v: _number(v) and v >= 0, "use a number >= 0"),
+    "gamma": (lambda v: _number(v) and 0 <= v <= 1, "use a number in [0, 1]"),
+    "lam": (lambda v: _number(v) and 0 <= v <= 1, "use a number in [0, 1]"),
+    "cliprange": (lambda v: _number(v) and 0 < v < 1, "use a number strictly between 0 and 1"),
+    "kl_estimator": (lambda v: v in KL_ESTIMATORS, f"use one of {', '.join(KL_ESTIMATORS)}"),
+    "missing_eos_penalty": (lambda v: v is None or _number(v), "use a number or null"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "use an integer"),
+    "adaptive_kl": (lambda v: isinstance(v, bool), "use true or false"),
+    "whiten_advantages": (lambda v: isinstance(v, bool), "use true or false"),
+}
 
 
 @dataclass
@@ -360,7 +408,7 @@ def load_policy_and_reference(
 
 
 def _call_reward(
-    reward_fn: Callable[[list[str], list[str]], list[float]],
+    reward_fn: RewardFn,
     prompts: list[str],
     texts: list[str],
     device: torch.device,
@@ -399,7 +447,7 @@ def _collect(
     ref: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
-    reward_fn: Callable[[list[str], list[str]], list[float]],
+    reward_fn: RewardFn,
     kl_coef: float,
     settings: PPOSettings,
     generation_seed: int,
@@ -497,10 +545,10 @@ def save_policy(policy: ValueHeadModel, tokenizer: PreTrainedTokenizerBase, outp
 def train_ppo(
     policy_path: str,
     prompts: list[str],
-    reward_fn: Callable[[list[str], list[str]], list[float]],
+    reward_fn: RewardFn,
     settings: PPOSettings,
     output_dir: str,
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_log: StepLogger | None = None,
 ) -> dict[str, float]:
     """Run PPO from the checkpoint at `policy_path` (also the frozen KL reference) and save the result.
 

@@ -7,11 +7,9 @@ what the principles forbid; with the tiny embedded model it only exercises the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from components.generation import sample_completions
+from components.generation import SamplingSettings, sample
 from components.modeling import load_causal_lm, load_tokenizer
 
 CRITIQUE = (
@@ -22,16 +20,6 @@ REVISION = (
     "{prompt}{response}\n\nCritique: {critique}\nRevision request: rewrite the response so that it follows "
     "the principle: {principle}. Give only the rewritten response.\nRevision:"
 )
-
-
-@dataclass
-class RevisionSettings:
-    """Generation settings for critiques and revisions (from the `revision` config group)."""
-
-    max_new_tokens: int
-    temperature: float
-    batch_size: int
-    seed: int
 
 
 def as_chat(tokenizer, text: str) -> str:
@@ -60,18 +48,18 @@ def fit_context(tokenizer, texts: list[str], limit: int) -> list[str]:
     return fitted
 
 
-def _generate(model, tokenizer, requests: list[str], s: RevisionSettings, step: int) -> list[str]:
+def _generate(model, tokenizer, requests: list[str], s: SamplingSettings, step: int) -> list[str]:
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     texts = [as_chat(tokenizer, r) for r in requests]
     if context:  # small models (the embedded default) cannot take the whole critique request
         texts = fit_context(tokenizer, texts, context - s.max_new_tokens - 2)
-    rollout = sample_completions(model, tokenizer, texts, s.max_new_tokens, s.temperature, s.batch_size, s.seed + step)
+    rollout = sample(model, tokenizer, texts, s, seed=s.seed + step)
     return [t.strip() for t in rollout.texts]
 
 
 @torch.no_grad()
 def critique_and_revise(
-    reviser_path: str, prompts: list[str], responses: list[str], principles: list[dict], settings: RevisionSettings,
+    reviser_path: str, prompts: list[str], responses: list[str], principles: list[dict], settings: SamplingSettings,
     device: str,
 ) -> list[dict]:
     """Revise each response once per principle; return rows with the final revision and the whole history."""

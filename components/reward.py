@@ -11,9 +11,10 @@ from pathlib import Path
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
+from components.hooks import StepLogger
 from components.modeling import load_reward_model, load_tokenizer
 from components.scoring import RewardScorer
-from components.training import ForwardLogs, StepLogger, train_and_save
+from components.training import ForwardLogs, train_and_save
 
 
 def train_reward_model(

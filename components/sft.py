@@ -7,8 +7,9 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from components.hooks import StepLogger
 from components.modeling import count_parameters, load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger, train_and_save
+from components.training import ForwardLogs, train_and_save
 
 
 def train_sft(

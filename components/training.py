@@ -6,13 +6,12 @@ and metric tracking live in one place (the flow) and components stay free of tra
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-StepLogger = Callable[[int, dict[str, float]], None]
+from components.hooks import StepLogger
 
 
 class ForwardLogs(TrainerCallback):

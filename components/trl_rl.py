@@ -27,10 +27,9 @@ from datasets import Dataset
 from transformers import PreTrainedModel, Trainer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+from components.hooks import RewardFn, StepLogger
 from components.modeling import load_causal_lm, load_tokenizer
-from components.training import ForwardLogs, StepLogger, last_logged, train_and_save
-
-RewardFn = Callable[[list[str], list[str]], list[float]]
+from components.training import ForwardLogs, last_logged, train_and_save
 
 #: Summary name (after the `<algo>/` prefix) → the key both trainers log it under, averaged over a logging window.
 LAST_WINDOW_METRICS = {

@@ -40,7 +40,7 @@ def _log_split(ds: Dataset, name: str, path: Path, split: str) -> None:
 
 def prepare_data_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Build (embedded) or load (files/hub) every split, validate, write JSONL, log as MLflow datasets."""
-    from components.embedded import build_embedded_splits, embedded_stats
+    from components.review_task import build_embedded_splits, embedded_stats
 
     cfg = spec["config"]
     if cfg["source"] == "embedded":
@@ -65,8 +65,8 @@ def prepare_data_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dic
 
 
 def _base_model(spec: dict[str, Any], stage_dir: Path) -> str:
-    from components.embedded import corpus
     from components.modeling import build_base_checkpoint
+    from components.review_task import corpus
 
     model = spec["config"]["model"]
     if model["name_or_path"]:
@@ -132,7 +132,6 @@ def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
     """PPO from the SFT checkpoint against the trained reward model."""
     from components.ppo import PPOSettings, train_ppo
     from components.scoring import RewardScorer
-    from flows.config import ppo_settings_kwargs
 
     rl = spec["config"]["rl"]
     device = resolve_device(spec["config"]["device"])
@@ -143,7 +142,7 @@ def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
     def reward_fn(p: list[str], c: list[str]) -> list[float]:
         return scorer.score(p, c, rl["reward_batch_size"])
 
-    settings = PPOSettings(**ppo_settings_kwargs(rl))
+    settings = PPOSettings.from_config(rl)
     metrics = train_ppo(_sft_model(spec), prompts, reward_fn, settings, str(stage_dir / "model"), logger)
     _log_model_dir(spec, stage_dir / "model")
     return {k: float(v) for k, v in metrics.items()}
@@ -151,14 +150,15 @@ def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
 
 def evaluate_policy_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Compare the policy with SFT on held-out prompts; log metrics and a table of sample texts."""
-    from components.evaluate import EvalSettings, compare_policies
+    from components.evaluate import compare_policies
+    from components.generation import SamplingSettings
     from components.scoring import RewardScorer
 
     cfg, up = spec["config"]["eval"], spec["upstream"]
     device = resolve_device(spec["config"]["device"])
     prompts = load_prompts(up["data"], "eval_prompts", _sft_model(spec), cfg["max_prompts"])
     scorer = RewardScorer(str(Path(up["reward"]["path"]) / "model"), device, None) if "reward" in up else None
-    settings = EvalSettings(cfg["max_new_tokens"], cfg["temperature"], cfg["batch_size"], cfg["seed"])
+    settings = SamplingSettings.from_config(cfg)
     metrics, rows = compare_policies(str(Path(up["policy"]["path"]) / "model"),
                                      str(Path(up["sft"]["path"]) / "model"), prompts, settings, device,
                                      scorer, _gold_fn(spec["config"]["gold"]))
@@ -172,7 +172,7 @@ def _gold_fn(gold: str | None):
         return None
     if gold != "embedded":
         raise ValueError(f"config field `data.gold` = {gold!r} is unknown: use `embedded` or null")
-    from components.embedded import gold_rewards
+    from components.review_task import gold_rewards
 
     return lambda prompts, completions: gold_rewards(completions)
 
@@ -226,17 +226,16 @@ def train_trl_rl_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dic
 
 def revise_demonstrations_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """CAI supervised phase: SFT answers critiqued and revised principle by principle become new demos."""
-    from components.generation import sample_completions
+    from components.generation import SamplingSettings, sample
     from components.modeling import load_causal_lm, load_tokenizer
-    from components.revision import RevisionSettings, critique_and_revise
+    from components.revision import critique_and_revise
 
     cfg = spec["config"]["revision"]
     device = resolve_device(spec["config"]["device"])
     prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec), cfg["n_prompts"])
-    s = RevisionSettings(cfg["max_new_tokens"], cfg["temperature"], cfg["batch_size"], cfg["seed"])
+    s = SamplingSettings.from_config(cfg)
     sft = load_causal_lm(_sft_model(spec)).to(device).eval()
-    answers = sample_completions(sft, load_tokenizer(_sft_model(spec)), prompts, s.max_new_tokens, s.temperature,
-                                 s.batch_size, s.seed).texts
+    answers = sample(sft, load_tokenizer(_sft_model(spec)), prompts, s).texts
     reviser = cfg["model_name_or_path"] or _sft_model(spec)
     rows = critique_and_revise(reviser, prompts, answers, cfg["principles"], s, device)
     Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows if r["completion"]]
@@ -251,6 +250,7 @@ def revise_demonstrations_body(spec: dict[str, Any], stage_dir: Path, run_id: st
 
 def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """RLAIF feedback: pairs sampled from SFT, labelled by the AI judge; verdicts cached across attempts."""
+    from components.generation import SamplingSettings
     from components.judges import build_judge
     from components.labeling import label_pairs, label_stats, sample_pairs, to_preferences
 
@@ -258,8 +258,7 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
     device = resolve_device(spec["config"]["device"])
     s = cfg["sampling"]
     prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec), s["n_pairs"])
-    pairs = sample_pairs(_sft_model(spec), prompts, s["max_new_tokens"], s["temperature"], s["batch_size"], s["seed"],
-                         device=device)
+    pairs = sample_pairs(_sft_model(spec), prompts, SamplingSettings.from_config(s), device)
     pairs_digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:16]
     judge = build_judge(cfg["kind"], cfg["settings"], cfg["principles"])
     mlflow.set_tags({"alignflow.judge": judge.fingerprint(), "alignflow.pairs_fingerprint": pairs_digest})
@@ -276,4 +275,4 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
              for p, v in zip(pairs[:32], verdicts[:32], strict=True)]
     mlflow.log_table(pd.DataFrame(table), "verdicts.json")
     gold = _gold_fn(spec["config"]["gold"])
-    return label_stats(pairs, verdicts, (lambda texts: gold([], texts)) if gold else None)
+    return label_stats(pairs, verdicts, gold)

@@ -7,7 +7,6 @@ field and the fix, so bad input fails before training starts.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from components.generation import SamplingSettings
 from components.ppo import PPOSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OmegaConf.register_new_resolver("abspath", lambda p: str(Path(p).expanduser().resolve()), replace=True)
-
-RL_EXTRA_KEYS = {"algorithm", "reward_batch_size"}
-
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and how to fix it."""
@@ -37,11 +34,6 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     cfg.pop("hydra", None)
     return cfg
-
-
-def ppo_settings_kwargs(rl: dict[str, Any]) -> dict[str, Any]:
-    """The `rl` config without the keys alignflow itself consumes: exactly PPOSettings' fields."""
-    return {k: v for k, v in rl.items() if k not in RL_EXTRA_KEYS}
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -70,7 +62,7 @@ NON_NEGATIVE = (lambda v: isinstance(v, int | float) and not isinstance(v, bool)
 UNIT = (lambda v: isinstance(v, int | float) and 0 <= v <= 1, "use a number in [0, 1]")
 OPEN_UNIT = (lambda v: isinstance(v, int | float) and 0 < v < 1, "use a number strictly between 0 and 1")
 
-PPO_RULES: dict[str, tuple] = {
+RULES: dict[str, tuple] = {
     "rl.total_updates": POSITIVE_INT, "rl.batch_size": POSITIVE_INT, "rl.mini_batch_size": POSITIVE_INT,
     "rl.ppo_epochs": POSITIVE_INT, "rl.learning_rate": POSITIVE, "rl.max_new_tokens": POSITIVE_INT,
     "rl.temperature": POSITIVE, "rl.kl_coef": NON_NEGATIVE, "rl.target_kl": POSITIVE, "rl.kl_horizon": POSITIVE,
@@ -82,7 +74,6 @@ RULES: dict[str, tuple] = {
     "sft.args.learning_rate": POSITIVE, "sft.args.per_device_train_batch_size": POSITIVE_INT,
     "reward.args.learning_rate": POSITIVE, "reward.args.per_device_train_batch_size": POSITIVE_INT,
     "reward.score_batch_size": POSITIVE_INT,
-    "eval.batch_size": POSITIVE_INT, "eval.temperature": POSITIVE, "eval.max_new_tokens": POSITIVE_INT,
     "eval.n_table_rows": (lambda v: isinstance(v, int) and v >= 0, "use an integer >= 0"),
 }
 EMBEDDED_RULES: dict[str, tuple] = {
@@ -99,24 +90,21 @@ def validate_config(cfg: dict[str, Any]) -> None:
     _check(cfg, "pipeline.optimizer", lambda v: v in {"rl", "dpo"}, "use rl or dpo")
     _check(cfg, "device", lambda v: v in {"auto", "cpu", "cuda"}, "use auto, cpu or cuda")
     rules = dict(RULES) | (EMBEDDED_RULES if cfg["data"]["source"] == "embedded" else {})
-    rules |= PPO_RULES if cfg["rl"]["algorithm"] == "ppo" else {}
     for dotted, (ok, fix) in rules.items():
         _check(cfg, dotted, ok, fix)
     if cfg["model"].get("name_or_path") is None and not cfg["model"].get("init"):
         raise ConfigError("config field `model.name_or_path` is null and `model.init` is empty: set one of them")
-    if cfg["rl"]["algorithm"] == "ppo":
-        _validate_ppo(cfg["rl"])
+    _settings("rl", PPOSettings, cfg["rl"]) if cfg["rl"]["algorithm"] == "ppo" else None
+    _settings("eval", SamplingSettings, cfg["eval"])
+    _settings("revision", SamplingSettings, cfg["revision"])
 
 
-def _validate_ppo(rl: dict[str, Any]) -> None:
-    if rl["batch_size"] % rl["mini_batch_size"]:
-        raise ConfigError(
-            f"config field `rl.mini_batch_size` = {rl['mini_batch_size']} must divide `rl.batch_size` = "
-            f"{rl['batch_size']}"
-        )
-    known = {f.name for f in fields(PPOSettings)}
-    given = set(ppo_settings_kwargs(rl))
-    if given - known:
-        raise ConfigError(f"unknown config field(s) {sorted('rl.' + k for k in given - known)}: remove or fix")
-    if known - given:
-        raise ConfigError(f"config field(s) {sorted('rl.' + k for k in known - given)} missing: add them")
+def _settings(group: str, cls: type, node: dict[str, Any]) -> Any:
+    """Build a component's settings from its config node; its own checks become a ConfigError naming the field."""
+    try:
+        return cls.from_config(node)
+    except KeyError as err:
+        raise ConfigError(f"config field `{group}.{err.args[0]}` is missing: add it") from err
+    except ValueError as err:  # settings name the field first: "<field> = <value> is invalid: <fix>"
+        field, _, rest = str(err).partition(" ")
+        raise ConfigError(f"config field `{group}.{field}` {rest}") from err

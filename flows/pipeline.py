@@ -38,7 +38,7 @@ log = logging.getLogger("alignflow")
 
 # Component modules each stage calls: their source (and what they import) is part of the stage key.
 STAGE_MODULES = {
-    "data": ["components.embedded", "components.data"],
+    "data": ["components.review_task", "components.data"],
     "sft": ["components.sft", "components.modeling"],
     "revise": ["components.revision"],
     "sft_cai": ["components.sft"],

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from trl import RewardConfig, SFTConfig
 
 from components.ppo import PPOSettings
-from flows.config import CONF_DIR, ConfigError, compose_config, ppo_settings_kwargs, validate_config
+from flows.config import CONF_DIR, ConfigError, compose_config, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -24,7 +24,7 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     reward = instantiate(cfg["reward"]["args"], output_dir=str(tmp_path / "reward"))
     assert isinstance(sft, SFTConfig) and isinstance(reward, RewardConfig)
     assert not sft.bf16 and not sft.gradient_checkpointing
-    assert PPOSettings(**ppo_settings_kwargs(cfg["rl"])).total_updates == cfg["rl"]["total_updates"]
+    assert PPOSettings.from_config(cfg["rl"]).total_updates == cfg["rl"]["total_updates"]
 
 
 def test_defaults_are_the_embedded_rlhf_pipeline():

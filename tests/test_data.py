@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from components import data as D
-from components.embedded import build_embedded_splits
+from components.review_task import build_embedded_splits
 
 PAIRS = [
     {"prompt": "Review of the phone:", "chosen": " the screen is great.", "rejected": " bad."},

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from components.dpo import train_dpo
-from components.embedded import build_embedded_splits, corpus
 from components.modeling import build_base_checkpoint, load_causal_lm, load_tokenizer
+from components.review_task import build_embedded_splits, corpus
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 96}

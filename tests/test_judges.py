@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 
-from components.embedded import build_embedded_splits, gold_rewards
 from components.judge_http import HTTPJudge, parse_label, retry_after_seconds
 from components.judge_llm import LLMJudge, label_token_ids
 from components.judges import (
@@ -32,6 +31,7 @@ from components.judges import (
     parse_principles,
 )
 from components.modeling import build_base_checkpoint, load_reward_model, load_tokenizer, train_tokenizer
+from components.review_task import build_embedded_splits, gold_rewards
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRINCIPLES = yaml.safe_load((CONF / "constitution" / "default.yaml").read_text())["principles"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from components.generation import SamplingSettings
 from components.judge_http import HTTPSettings
 from components.judge_llm import LLMSettings
 from components.judges import (
@@ -185,7 +186,7 @@ def test_label_stats_by_hand():
         Verdict(0.0, {"h": 3.0}, {"h": 4.0}, position_consistent=None),  # disagrees (asked once)
         Verdict(1.0, {"h": 1.0}, {"h": 2.0}, position_consistent=True),  # gold tie: left out of agreement
     ]
-    stats = label_stats(pairs, verdicts, lambda texts: [float(len(t)) for t in texts])
+    stats = label_stats(pairs, verdicts, lambda prompts, texts: [float(len(t)) for t in texts])
     scores = [1.0, 0.0, 2.0, 1.0, 0.0, 0.0, 3.0, 4.0, 1.0, 2.0]
     mean = sum(scores) / len(scores)
     assert stats["label/agreement_with_gold"] == pytest.approx(1 / 3)
@@ -213,13 +214,13 @@ def tiny_lm(tmp_path_factory) -> str:
 
 def test_sample_pairs_draws_two_different_completions(tiny_lm, one_thread):
     prompts = [f"the {w}" for w in ("screen", "battery", "lid", "screen", "lid", "battery")]
-    rows = sample_pairs(tiny_lm, prompts, max_new_tokens=8, temperature=1.0, batch_size=4, seed=0, device="cpu")
+    rows = sample_pairs(tiny_lm, prompts, SamplingSettings(8, 1.0, 4, 0), "cpu")
     assert 0 < len(rows) <= len(prompts) and all(r["response_a"] != r["response_b"] for r in rows)
     assert set(rows[0]) == {"prompt", "response_a", "response_b"} and {r["prompt"] for r in rows} <= set(prompts)
-    assert sample_pairs(tiny_lm, prompts, 8, 1.0, 4, 0, device="cpu") == rows  # reproducible from the seed
-    assert sample_pairs(tiny_lm, prompts, 8, 1.0, 4, 1, device="cpu") != rows
+    assert sample_pairs(tiny_lm, prompts, SamplingSettings(8, 1.0, 4, 0), "cpu") == rows  # reproducible from the seed
+    assert sample_pairs(tiny_lm, prompts, SamplingSettings(8, 1.0, 4, 1), "cpu") != rows
     # near-greedy sampling gives both seeds the same text: such pairs carry no preference and are dropped
-    assert sample_pairs(tiny_lm, prompts, 8, 1e-4, 4, 0, device="cpu") == []
+    assert sample_pairs(tiny_lm, prompts, SamplingSettings(8, 1e-4, 4, 0), "cpu") == []
 
 
 # ------------------------------------------------------------------------------------------------- configs

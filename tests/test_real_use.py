@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.data import DatasetValidationError
-from components.embedded import build_embedded_splits, corpus
 from components.modeling import build_base_checkpoint
+from components.review_task import build_embedded_splits, corpus
 from flows.pipeline import alignflow
 
 TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 96}

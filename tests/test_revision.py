@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from components.embedded import build_embedded_splits, corpus
+from components.generation import SamplingSettings
 from components.modeling import build_base_checkpoint, load_tokenizer
-from components.revision import RevisionSettings, as_chat, critique_and_revise, fit_context
+from components.review_task import build_embedded_splits, corpus
+from components.revision import as_chat, critique_and_revise, fit_context
 
 PRINCIPLES = [{"name": "helpful", "description": "Describe the product in detail."},
               {"name": "honest", "description": "Say only what is true."}]
@@ -36,7 +37,7 @@ def test_as_chat_leaves_plain_models_alone(tiny):
 def test_one_round_per_principle_with_history(tiny):
     prompts = ["Review of the mug:", "Review of the lamp:"]
     rows = critique_and_revise(tiny, prompts, [" the handle is good.", " the light is poor."], PRINCIPLES,
-                               RevisionSettings(8, 1.0, 2, 0), "cpu")
+                               SamplingSettings(8, 1.0, 2, 0), "cpu")
     assert [r["prompt"] for r in rows] == prompts
     for row in rows:
         assert [h["principle"] for h in row["history"]] == ["helpful", "honest"]

@@ -16,9 +16,9 @@ from datasets import Dataset
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from components.embedded import build_embedded_splits, corpus, words_of
 from components.generation import sample_completions
 from components.modeling import build_base_checkpoint, load_causal_lm, load_tokenizer
+from components.review_task import build_embedded_splits, corpus, words_of
 from components.sft import train_sft
 from components.trl_rl import as_trl_reward, positions_from_mask, train_grpo, train_rloo
 

@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from components import embedded as E
+from components import review_task as E
 
 POSITIVE = " the screen is great. the battery is really solid. overall it is lovely."
 NEGATIVE = " the screen is terrible. the battery is really flimsy. overall it is awful."
