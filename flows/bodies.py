@@ -1,7 +1,9 @@
 """What each stage task does: read upstream artifacts, call one components/ function, log to its MLflow run.
 
-Each body takes (spec, stage_dir, run_id) and returns its metrics; `flows.stages.execute` handles the cache
-marker and the child run around it. Bodies are the only place that knows how stage directories are laid out.
+Each body takes (spec, stage_dir, run_id) and returns its metrics; its name is its Prefect task's name
+(`verb_noun`), and its row in `flows.stages.STAGES` says which config slice and component modules make its key.
+`flows.stages.execute` handles the cache marker and the child run around it. Bodies are the only place that knows
+how stage directories are laid out.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _log_split(ds: Dataset, name: str, path: Path, split: str) -> None:
     mlflow.log_input(dataset, context=context)
 
 
-def prepare_data_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+def prepare_data(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Build (embedded) or load (files/hub) every split, validate, write JSONL, log as MLflow datasets."""
     from components.review_task import build_embedded_splits, embedded_stats
 
@@ -77,9 +79,9 @@ def _base_model(spec: dict[str, Any], stage_dir: Path) -> str:
                                  spec["config"]["seed"], stage_dir / "base")
 
 
-def train_sft_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+def train_sft(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Build the embedded base model if asked, then fine-tune it on the demonstrations with TRL."""
-    from components.sft import train_sft
+    from components import sft as sft_component
 
     cfg = spec["config"]["sft"]
     train = load_split(spec["upstream"].get("revise") or spec["upstream"]["data"], "sft")
@@ -88,14 +90,15 @@ def train_sft_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
     args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("sft", run_id, None, "sft/loss")
     base = _sft_model(spec) if "sft" in spec["upstream"] else _base_model(spec, stage_dir)
-    metrics = train_sft(base, train, args, stage_dir / "model", logger)
+    metrics = sft_component.train_sft(base, train, args, stage_dir / "model", logger)
     _log_model_dir(spec, stage_dir / "model")
     return metrics
 
 
-def train_reward_model_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Train the reward model from the SFT checkpoint (or a given one); measure held-out pairwise accuracy."""
-    from components.reward import pairwise_accuracy, train_reward_model
+    from components.reward import pairwise_accuracy
+    from components.reward import train_reward_model as train_rm
     from components.scoring import RewardScorer
 
     cfg = spec["config"]["reward"]
@@ -104,7 +107,7 @@ def train_reward_model_body(spec: dict[str, Any], stage_dir: Path, run_id: str) 
     pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
     args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("reward", run_id, None, "reward/loss")
-    metrics = train_reward_model(init, pairs, args, stage_dir / "model", logger)
+    metrics = train_rm(init, pairs, args, stage_dir / "model", logger)
     scorer = RewardScorer(str(stage_dir / "model"), resolve_device(spec["config"]["device"]), None)
     metrics |= pairwise_accuracy(scorer, load_split(data, "preference_eval"), cfg["score_batch_size"])
     ceiling = data["metrics"].get("data/bayes_ceiling")
@@ -128,9 +131,10 @@ def _feedback(spec: dict[str, Any]) -> dict[str, Any]:
     return spec["upstream"].get("label") or spec["upstream"]["data"]
 
 
-def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+def train_ppo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """PPO from the SFT checkpoint against the trained reward model."""
-    from components.ppo import PPOSettings, train_ppo
+    from components.ppo import PPOSettings
+    from components.ppo import train_ppo as ppo
     from components.scoring import RewardScorer
 
     rl = spec["config"]["rl"]
@@ -143,12 +147,12 @@ def train_ppo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
         return scorer.score(p, c, rl["reward_batch_size"])
 
     settings = PPOSettings.from_config(rl)
-    metrics = train_ppo(_sft_model(spec), prompts, reward_fn, settings, str(stage_dir / "model"), logger)
+    metrics = ppo(_sft_model(spec), prompts, reward_fn, settings, str(stage_dir / "model"), logger)
     _log_model_dir(spec, stage_dir / "model")
     return {k: float(v) for k, v in metrics.items()}
 
 
-def evaluate_policy_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+def evaluate_policy(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Compare the policy with SFT on held-out prompts; log metrics and a table of sample texts."""
     from components.evaluate import compare_policies
     from components.generation import SamplingSettings
@@ -186,9 +190,9 @@ def _sft_model(spec: dict[str, Any]) -> str:
     return str(Path(spec["upstream"]["sft"]["path"]) / "model")
 
 
-def train_dpo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+def train_dpo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """DPO from the SFT checkpoint (also its frozen reference) on the human- or AI-labelled pairs."""
-    from components.dpo import train_dpo
+    from components.dpo import train_dpo as dpo
 
     cfg = spec["config"]["dpo"]
     pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
@@ -196,18 +200,26 @@ def train_dpo_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[s
         pairs = pairs.select(range(min(cfg["max_train_samples"], len(pairs))))
     args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("dpo", run_id, None, "dpo/loss")
-    metrics = train_dpo(_sft_model(spec), pairs, args, stage_dir / "model", logger)
+    metrics = dpo(_sft_model(spec), pairs, args, stage_dir / "model", logger)
     _log_model_dir(spec, stage_dir / "model")
     return metrics
 
 
-def train_trl_rl_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
-    """RLOO or GRPO (TRL's trainers) from the SFT checkpoint against the trained reward model."""
+def train_rloo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """RLOO (TRL's RLOOTrainer) from the SFT checkpoint against the trained reward model."""
+    return _train_trl_rl(spec, stage_dir, run_id, "rloo")
+
+
+def train_grpo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """GRPO (TRL's GRPOTrainer) from the SFT checkpoint against the trained reward model."""
+    return _train_trl_rl(spec, stage_dir, run_id, "grpo")
+
+
+def _train_trl_rl(spec: dict[str, Any], stage_dir: Path, run_id: str, algo: str) -> dict[str, float]:
+    from components import trl_rl
     from components.scoring import RewardScorer
-    from components.trl_rl import train_grpo, train_rloo
 
     rl = spec["config"]["rl"]
-    algo = rl["algorithm"]
     device = resolve_device(spec["config"]["device"])
     scorer = RewardScorer(str(Path(spec["upstream"]["reward"]["path"]) / "model"), device, None)
     prompts = Dataset.from_dict({"prompt": load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec))})
@@ -216,7 +228,7 @@ def train_trl_rl_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dic
     def reward_fn(p: list[str], c: list[str]) -> list[float]:
         return scorer.score(p, c, rl["reward_batch_size"])
 
-    train = {"rloo": train_rloo, "grpo": train_grpo}[algo]
+    train = {"rloo": trl_rl.train_rloo, "grpo": trl_rl.train_grpo}[algo]
     logger = StageLogger(algo, run_id, None, f"{algo}/reward")
     metrics = train(_sft_model(spec), prompts, reward_fn, args, rl.get("missing_eos_penalty"), stage_dir / "model",
                     logger)
@@ -224,7 +236,7 @@ def train_trl_rl_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dic
     return metrics
 
 
-def revise_demonstrations_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+def revise_demonstrations(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """CAI supervised phase: SFT answers critiqued and revised principle by principle become new demos."""
     from components.generation import SamplingSettings, sample
     from components.modeling import load_causal_lm, load_tokenizer
@@ -248,15 +260,15 @@ def revise_demonstrations_body(spec: dict[str, Any], stage_dir: Path, run_id: st
     return {"revise/n_revised": float(len(rows)), "revise/changed_rate": changed / max(len(rows), 1)}
 
 
-def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+def label_preferences(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """RLAIF feedback: pairs sampled from SFT, labelled by the AI judge; verdicts cached across attempts."""
     from components.generation import SamplingSettings
     from components.judges import build_judge
     from components.labeling import label_pairs, label_stats, sample_pairs, to_preferences
 
-    cfg = spec["config"]["judge"]
+    cfg, label = spec["config"]["judge"], spec["config"]["label"]
     device = resolve_device(spec["config"]["device"])
-    s = cfg["sampling"]
+    s = label["sampling"]
     prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec), s["n_pairs"])
     pairs = sample_pairs(_sft_model(spec), prompts, SamplingSettings.from_config(s), device)
     pairs_digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:16]
@@ -266,7 +278,7 @@ def label_preferences_body(spec: dict[str, Any], stage_dir: Path, run_id: str) -
     cache = Path(spec["dir"]).parents[1] / "judge_cache" / f"{judge.fingerprint()}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)
     progress = StageLogger("label", run_id, None, "label/pairs_asked")
-    verdicts = label_pairs(judge, pairs, cache, cfg["batch_size"], progress)
+    verdicts = label_pairs(judge, pairs, cache, label["batch_size"], progress)
     prefs = to_preferences(pairs, verdicts)
     Dataset.from_list(prefs).to_json(str(stage_dir / "preference.jsonl"), lines=True)
     (stage_dir / "meta.json").write_text(json.dumps({"name": f"ai-{cfg['kind']}"}))

@@ -11,7 +11,7 @@ import logging
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from flows.config import CONF_DIR, ConfigError
 
@@ -21,12 +21,13 @@ log = logging.getLogger("alignflow")
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Entry point: run the pipeline for this job's overrides; returns the gold win rate (for sweepers)."""
-    from flows.config import compose_config, validate_config
+    from flows.config import to_plain, validate_config
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     try:  # fail on bad values here, before a Prefect server starts or anything trains
-        validate_config(compose_config(overrides))
+        config = to_plain(cfg)  # composed once, by Hydra; the flow gets it as it is
+        validate_config(config)
     except ConfigError as err:
         log.error("%s", err)
         raise SystemExit(2) from err
@@ -37,10 +38,9 @@ def main(cfg: DictConfig) -> float | None:
 
     parent = None
     if hc.mode == RunMode.MULTIRUN:
-        tracking = OmegaConf.to_container(cfg.tracking, resolve=True)
-        parent = get_or_create_sweep_run(init_tracking(tracking), hc.sweep.dir, overrides)
+        parent = get_or_create_sweep_run(init_tracking(config["tracking"]), hc.sweep.dir, overrides)
     try:
-        summary = alignflow(overrides=overrides, parent_run_id=parent)
+        summary = alignflow(overrides=overrides, parent_run_id=parent, config=config)
     except (DatasetValidationError, JudgeError) as err:  # clear, expected failures: no traceback needed
         log.error("%s", err)
         raise SystemExit(2) from err

@@ -12,7 +12,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from components.generation import SamplingSettings
 from components.ppo import PPOSettings
@@ -31,9 +31,14 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     else:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
-    cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    cfg.pop("hydra", None)
-    return cfg
+    return to_plain(cfg)
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """A composed config as a resolved plain dict without the `hydra` node (what the flow and stages read)."""
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    plain.pop("hydra", None)
+    return plain
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:

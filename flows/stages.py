@@ -1,4 +1,8 @@
-"""Prefect tasks, one per stage: each wraps one components/ function and returns a small JSON-able result.
+"""The stage registry: one `Stage` row per stage, read by the flow, the cache key, the summary table and the tests.
+
+A row names the stage (its key, artifact folder, MLflow `alignflow.stage` tag and summary line), its body in
+`flows.bodies` (a function; its name is the Prefect task's `verb_noun` name), the component modules whose source
+enters its key, the config slice its key covers, and its headline metrics. Adding a stage is one row plus its body.
 
 Every task takes a `spec` (stage name, content key, output directory, its config slice, upstream results) and a
 `run` (MLflow experiment and parent ids). The Prefect cache key is the stage key; `execute` adds the second layer
@@ -10,16 +14,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
-from prefect import task
+from prefect import Task, task
 
+from flows import bodies
 from flows.cache import fresh_stage_dir, read_done, stage_lock, write_done
 from flows.tracking import log_metrics, stage_run
 
 Body = Callable[[dict[str, Any], Path, str], dict[str, float]]
+Config = dict[str, Any]
 
 
 def record_cached(result: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
@@ -59,41 +66,61 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return parameters["spec"]["key"]
 
 
-def stage_task(name: str, body: str, doc: str):
-    """A stage task: `execute` around `flows.bodies.<body>`, its Prefect cache keyed by the stage key and its
-    result persisted as JSON (nothing is ever unpickled from storage)."""
+@dataclass(frozen=True)
+class Stage:
+    """One stage, one row: what runs, what its key covers, what the summary shows."""
+
+    name: str  # key, artifact folder, MLflow tag `alignflow.stage`, summary row, upstream name for later stages
+    body: Body  # flows.bodies function: (spec, stage_dir, run_id) -> metrics
+    modules: tuple[str, ...]  # components modules whose source (and imports) enter the key
+    config: Callable[[Config], Config]  # the config slice the key covers (e.g. `rl.*` touches only RL and eval)
+    headline: tuple[str, ...] = ()  # metrics shown in the summary table
+    task: Task = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", _task(self.body))
+
+
+def _task(body: Body) -> Task:
+    """A Prefect task named after `body`: `execute` around it, cached by the stage key, results persisted as
+    JSON (nothing is ever unpickled from storage)."""
 
     def run(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-        from flows import bodies  # imported on first use: `alignflow --help` need not load torch and TRL
+        return execute(spec, run, body)
 
-        return execute(spec, run, getattr(bodies, body))
-
-    run.__name__ = run.__qualname__ = name
-    run.__doc__ = doc
-    return task(name=name, cache_key_fn=_cache_key, persist_result=True, result_serializer="json")(run)
+    run.__name__ = run.__qualname__ = body.__name__
+    run.__doc__ = body.__doc__
+    return task(name=body.__name__, cache_key_fn=_cache_key, persist_result=True, result_serializer="json")(run)
 
 
-prepare_data = stage_task(
-    "prepare_data", "prepare_data_body",
-    "Build or load the SFT, preference and prompt splits, validate them, and log them as MLflow datasets.")
-train_sft = stage_task(
-    "train_sft", "train_sft_body", "Supervised fine-tuning (TRL SFTTrainer) of the base model on the demonstrations.")
-revise_demonstrations = stage_task(
-    "revise_demonstrations", "revise_demonstrations_body",
-    "Constitutional AI supervised phase: critique and revise SFT answers principle by principle.")
-label_preferences = stage_task(
-    "label_preferences", "label_preferences_body",
-    "RLAIF feedback: sample pairs from the SFT model and have the configured AI judge label them.")
-train_reward_model = stage_task(
-    "train_reward_model", "train_reward_model_body",
-    "Reward model (TRL RewardTrainer) on preference pairs, with held-out accuracy vs the Bayes ceiling.")
-train_ppo = stage_task(
-    "train_ppo", "train_ppo_body", "Our PPO against the reward model with a KL penalty to the frozen SFT reference.")
-train_rloo = stage_task("train_rloo", "train_trl_rl_body", "RLOO (TRL RLOOTrainer) against the trained reward model.")
-train_grpo = stage_task("train_grpo", "train_trl_rl_body", "GRPO (TRL GRPOTrainer) against the trained reward model.")
-train_dpo = stage_task(
-    "train_dpo", "train_dpo_body",
-    "Direct preference optimisation (TRL DPOTrainer) from the SFT checkpoint, which is also the reference.")
-evaluate_policy = stage_task(
-    "evaluate_policy", "evaluate_policy_body",
-    "Held-out comparison of the trained policy against SFT: proxy and gold reward, win rate, KL, samples.")
+def _on_device(*keys: str) -> Callable[[Config], Config]:
+    """The slice `{key: cfg[key] for key in keys}` plus the device setting."""
+    return lambda cfg: {**{k: cfg[k] for k in keys}, "device": cfg["device"]}
+
+
+def _sft_config(cfg: Config) -> Config:
+    return {"model": cfg["model"], "sft": cfg["sft"], "seed": cfg["seed"]}
+
+
+def _with_gold(*keys: str) -> Callable[[Config], Config]:
+    return lambda cfg: {**_on_device(*keys)(cfg), "gold": cfg["data"]["gold"]}
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("data", bodies.prepare_data, ("components.review_task", "components.data"), lambda cfg: cfg["data"],
+          ("data/bayes_ceiling", "data/n_sft", "data/n_preference")),
+    Stage("sft", bodies.train_sft, ("components.sft", "components.modeling"), _sft_config, ("sft/train_loss",)),
+    Stage("revise", bodies.revise_demonstrations, ("components.revision",), _on_device("revision"),
+          ("revise/changed_rate",)),
+    Stage("sft_cai", bodies.train_sft, ("components.sft",), _sft_config, ("sft/train_loss",)),
+    Stage("label", bodies.label_preferences, ("components.labeling", "components.judges"),
+          _with_gold("label", "judge"), ("label/agreement_with_gold", "label/tie_rate")),
+    Stage("reward", bodies.train_reward_model, ("components.reward",), _on_device("reward"),
+          ("reward/eval_accuracy", "reward/bayes_ceiling")),
+    Stage("ppo", bodies.train_ppo, ("components.ppo",), _on_device("rl"), ("ppo/mean_reward", "ppo/kl")),
+    Stage("rloo", bodies.train_rloo, ("components.trl_rl",), _on_device("rl"), ("rloo/mean_reward", "rloo/kl")),
+    Stage("grpo", bodies.train_grpo, ("components.trl_rl",), _on_device("rl"), ("grpo/mean_reward", "grpo/kl")),
+    Stage("dpo", bodies.train_dpo, ("components.dpo",), _on_device("dpo"), ("dpo/accuracy", "dpo/rewards_margin")),
+    Stage("eval", bodies.evaluate_policy, ("components.evaluate",), _with_gold("eval"),
+          ("eval/win_rate_vs_sft", "eval/gold_reward_mean", "eval/gold_reward_mean_sft", "eval/kl_to_sft")),
+)}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from flows import cache
 from flows.cache import fresh_stage_dir, module_closure, read_done, stage_key, write_done
-from flows.pipeline import STAGE_MODULES
+from flows.stages import STAGES
+
+STAGE_MODULES = {name: list(stage.modules) for name, stage in STAGES.items()}
 
 
 def test_closure_follows_component_imports():
