@@ -22,7 +22,7 @@ from typing import Any
 
 from components.generation import SamplingSettings
 from components.hooks import GoldFn, StepLogger
-from components.judges import Judge, JudgeError, Verdict
+from components.judges.base import Judge, JudgeError, Verdict
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", err)
         raise SystemExit(2) from err
     from components.data import DatasetValidationError
-    from components.judges import JudgeError
+    from components.judges.base import JudgeError
     from flows.pipeline import alignflow
     from flows.tracking import get_or_create_sweep_run, init_tracking
 

@@ -3,11 +3,14 @@ two-order plumbing, the reward-model judge, and the HTTP judge against a local m
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,23 +20,26 @@ import pytest
 import torch
 import yaml
 
-from components.judge_http import HTTPJudge, parse_label, retry_after_seconds
-from components.judge_llm import LLMJudge, label_token_ids
-from components.judges import (
-    ConstitutionJudge,
+from components.judges import build_judge
+from components.judges.base import (
     Judge,
     JudgeError,
     Verdict,
-    build_judge,
     combine_orders,
     fingerprint_of,
     label_of,
     parse_principles,
 )
+from components.judges.constitution import ConstitutionJudge, ConstitutionSettings
+from components.judges.llm import LLMJudge, LLMSettings, label_token_ids
+from components.judges.openai_compatible import HTTPJudge, HTTPSettings, parse_label, retry_after_seconds
+from components.judges.reward_model import RewardModelSettings
 from components.modeling import build_base_checkpoint, load_reward_model, load_tokenizer, train_tokenizer
 from components.review_task import build_embedded_splits, gold_rewards
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+JUDGES = ROOT / "components" / "judges"
 PRINCIPLES = yaml.safe_load((CONF / "constitution" / "default.yaml").read_text())["principles"]
 TINY_ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 1024}
 GOOD = " the screen is bright and sharp. the battery lasts two days. overall it is excellent."
@@ -72,10 +78,10 @@ def test_orders_combine_into_verdicts():
 
 
 def test_fingerprints_cover_payload_and_code():
-    base = fingerprint_of("k", {"model": "m"}, "components.judges")
-    assert base == fingerprint_of("k", {"model": "m"}, "components.judges") and base.startswith("k-")
-    assert base != fingerprint_of("k", {"model": "n"}, "components.judges")
-    assert base != fingerprint_of("k", {"model": "m"}, "components.judge_http")  # another implementation's source
+    base = fingerprint_of("k", {"model": "m"}, "components.judges.constitution")
+    assert base == fingerprint_of("k", {"model": "m"}, "components.judges.constitution") and base.startswith("k-")
+    assert base != fingerprint_of("k", {"model": "n"}, "components.judges.constitution")
+    assert base != fingerprint_of("k", {"model": "m"}, "components.judges.openai_compatible")  # another's source
 
 
 def test_unknown_kind_and_bad_settings_fail_naming_the_problem():
@@ -86,6 +92,93 @@ def test_unknown_kind_and_bad_settings_fail_naming_the_problem():
             "reward_model", {"path": "x", "max_length": 8, "batch_size": 2, "margin": 0, "device": "cpu"}, PRINCIPLES
         )
 
+
+
+SETTINGS = {
+    "constitution": ConstitutionSettings,
+    "llm": LLMSettings,
+    "openai_compatible": HTTPSettings,
+    "reward_model": RewardModelSettings,
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value", "rule"),
+    [
+        ("constitution", "tie_margin", -1, "a number >= 0"),
+        ("constitution", "batch_size", 0, "an integer >= 1"),
+        ("constitution", "max_length", 2.5, "an integer >= 1"),
+        ("llm", "tie_margin", 0.5, "a number >= 0 and < 0.5"),
+        ("llm", "batch_size", -2, "an integer >= 1"),
+        ("openai_compatible", "timeout", 0, "a number > 0"),
+        ("openai_compatible", "max_retries", -1, "an integer >= 0"),
+        ("openai_compatible", "concurrency", 0, "an integer >= 1"),
+        ("openai_compatible", "backoff_base", -0.5, "a number >= 0"),
+        ("openai_compatible", "max_tokens", True, "an integer >= 1"),
+        ("reward_model", "max_length", 0, "null or an integer >= 1"),
+        ("reward_model", "tie_margin", "wide", "a number >= 0"),
+    ],
+)
+def test_settings_check_their_own_values(kind, field, value, rule):
+    settings = yaml.safe_load((CONF / "judge" / f"{kind}.yaml").read_text())["settings"]
+    SETTINGS[kind](**settings)  # the shipped values pass
+    with pytest.raises(ValueError, match=rf"^{field} = {re.escape(repr(value))} is invalid: use {re.escape(rule)}$"):
+        SETTINGS[kind](**{**settings, field: value})
+
+
+def test_reward_model_max_length_may_be_null():
+    settings = yaml.safe_load((CONF / "judge" / "reward_model.yaml").read_text())["settings"]
+    assert RewardModelSettings(**{**settings, "max_length": None}).max_length is None
+
+
+# ------------------------------------------------------------------------------------------ package layout
+def _judge_imports(path: Path) -> set[str]:
+    """`components.judges.*` modules a judges source file imports (absolute or relative), at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = "components.judges" + (f".{base}" if base else "")
+            found.update({base, *(f"{base}.{a.name}" for a in node.names)})
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    modules = {f"components.judges.{f.stem}" for f in JUDGES.glob("*.py") if f.stem != "__init__"}
+    return {n for n in found if n in modules or n == "components.judges"}
+
+
+def test_judge_modules_import_only_base_so_there_is_no_cycle():
+    kinds = {f.stem for f in JUDGES.glob("*.py")} - {"__init__", "base"}
+    assert kinds == set(SETTINGS)  # one module per conf/judge/<kind>.yaml
+    assert {f.stem for f in (CONF / "judge").glob("*.yaml")} == kinds
+    assert _judge_imports(JUDGES / "base.py") == set()
+    for kind in kinds:
+        assert _judge_imports(JUDGES / f"{kind}.py") == {"components.judges.base"}, kind
+    # the package imports every judge (lazily, as plain statements) so the stage fingerprint follows them all
+    assert {f"components.judges.{k}" for k in kinds} | {"components.judges.base"} <= _judge_imports(
+        JUDGES / "__init__.py"
+    )
+
+
+def test_each_judge_module_imports_alone_and_the_package_stays_light():
+    """Each judges module imports first in a clean state (a cycle would fail one of them); building no judge
+    loads neither torch nor httpx."""
+    alone = (
+        "import sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    for loaded in [m for m in sys.modules if m == 'components' or m.startswith('components.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    __import__(name)\n"
+    )
+    modules = sorted(f"components.judges.{f.stem}" for f in JUDGES.glob("*.py") if f.stem != "__init__")
+    subprocess.run([sys.executable, "-c", alone, *modules, "components.judges"], cwd=ROOT, check=True, timeout=300)
+    light = "import sys\nfrom components.judges import build_judge\nassert not {'torch', 'httpx'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", light], cwd=ROOT, check=True, timeout=120)
+
+
+def test_no_importlib_in_components():
+    offenders = [str(f) for f in (ROOT / "components").rglob("*.py") if "importlib" in f.read_text()]
+    assert offenders == []
 
 # --------------------------------------------------------------------------------------- constitution judge
 @pytest.fixture(scope="module")

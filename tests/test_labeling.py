@@ -15,16 +15,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from components.generation import SamplingSettings
-from components.judge_http import HTTPSettings
-from components.judge_llm import LLMSettings
-from components.judges import (
-    ConstitutionSettings,
-    JudgeError,
-    RewardModelSettings,
-    Verdict,
-    parse_principles,
-    settings_from,
-)
+from components.judges.base import JudgeError, Verdict, parse_principles, settings_from
+from components.judges.constitution import ConstitutionSettings
+from components.judges.llm import LLMSettings
+from components.judges.openai_compatible import HTTPSettings
+from components.judges.reward_model import RewardModelSettings
 from components.labeling import label_pairs, label_stats, pair_key, read_cache, sample_pairs, to_preferences
 from components.modeling import build_base_checkpoint
 
@@ -240,5 +235,18 @@ def test_judge_configs_match_the_judges(kind):
     cfg = OmegaConf.to_container(root, resolve=True)["judge"]
     assert cfg["kind"] == kind and parse_principles(cfg["principles"])
     settings_from(SETTINGS[kind], kind, cfg["settings"])  # every key known, none missing
+    assert set(cfg) == {"kind", "principles", "settings"}  # sampling and batching belong to conf/label
+
+
+def test_label_config_holds_sampling_and_batching():
+    root = OmegaConf.create(
+        {"seed": 0, "rl": {"max_new_tokens": 32}, "label": OmegaConf.load(CONF / "label" / "default.yaml")}
+    )
+    cfg = OmegaConf.to_container(root, resolve=True)["label"]
+    assert set(cfg) == {"batch_size", "sampling"}
     assert set(cfg["sampling"]) == {"n_pairs", "max_new_tokens", "temperature", "batch_size", "seed"}
-    assert cfg["batch_size"] > 0
+    assert isinstance(cfg["batch_size"], int) and cfg["batch_size"] > 0 and cfg["sampling"]["n_pairs"] > 0
+    assert SamplingSettings.from_config(cfg["sampling"]).max_new_tokens == 32
+    defaults = OmegaConf.load(CONF / "config.yaml").defaults
+    groups = [next(iter(d)) if not isinstance(d, str) else d for d in defaults]
+    assert groups.index("label") == groups.index("judge") - 1

@@ -16,7 +16,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components.judges import JudgeError
+from components.judges.base import JudgeError
 from flows.pipeline import alignflow
 from tests.conftest import SMOKE
 from tests.test_judges import FakeChatServer
@@ -124,7 +124,7 @@ def test_failing_judge_keeps_its_labels_and_a_rerun_asks_only_for_the_rest(varia
         return [*SMOKE, "pipeline=rlaif", "judge=openai_compatible", f"judge.settings.base_url={url}",
                 "judge.settings.model=fake", "judge.settings.api_key_env=ALIGNFLOW_TEST_JUDGE_KEY",
                 "judge.settings.max_retries=1", "judge.settings.backoff_base=0.01", "judge.settings.backoff_max=0.02",
-                "judge.settings.concurrency=2", "judge.sampling.n_pairs=24", "judge.batch_size=4",
+                "judge.settings.concurrency=2", "label.sampling.n_pairs=24", "label.batch_size=4",
                 "rl.total_updates=2"]
 
     with FakeChatServer(flaky_endpoint) as server:  # one endpoint (the judge's identity includes its URL)

@@ -1,4 +1,5 @@
-"""An OpenAI-compatible chat-completions endpoint as a pairwise constitution judge, asked in both orders.
+"""An OpenAI-compatible chat-completions endpoint as a pairwise constitution judge, asked in both orders
+(conf/judge/openai_compatible.yaml).
 
 Works with any server speaking `POST {base_url}/chat/completions` (OpenAI, vLLM, llama.cpp, TGI…). The API key
 is read from the environment variable named by `api_key_env` at call time and only ever sent as a Bearer header:
@@ -23,11 +24,12 @@ from typing import Any
 
 import httpx
 
-from components.judges import (
+from components.judges.base import (
     JudgeError,
     Principle,
     Verdict,
     check_lengths,
+    check_number,
     combine_orders,
     fingerprint_of,
     render_constitution,
@@ -42,7 +44,7 @@ _FILLER = frozenset({"response", "answer", "verdict", "final", "the", "is", "it"
 
 @dataclass
 class HTTPSettings:
-    """Settings of the HTTP judge (all from conf/judge/openai_compatible.yaml)."""
+    """Settings of the HTTP judge (all from conf/judge/openai_compatible.yaml); checks itself."""
 
     base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     model: str
@@ -56,6 +58,15 @@ class HTTPSettings:
     backoff_base: float  # seconds before the first retry; doubles each retry
     backoff_max: float  # cap on one backoff wait (a server's Retry-After is honoured as given)
     concurrency: int  # requests in flight at once
+
+    def __post_init__(self) -> None:
+        check_number("temperature", self.temperature, at_least=0)
+        check_number("max_tokens", self.max_tokens, at_least=1, integer=True)
+        check_number("timeout", self.timeout, above=0)
+        check_number("max_retries", self.max_retries, at_least=0, integer=True)
+        check_number("backoff_base", self.backoff_base, at_least=0)
+        check_number("backoff_max", self.backoff_max, at_least=0)
+        check_number("concurrency", self.concurrency, at_least=1, integer=True)
 
 
 class _Retry(Exception):
@@ -166,8 +177,6 @@ class HTTPJudge:
 
     def __init__(self, settings: HTTPSettings, principles: list[Principle]) -> None:
         """Keep the settings and render the constitution; no connection is opened until `judge`."""
-        if settings.concurrency < 1 or settings.max_retries < 0:
-            raise ValueError("openai_compatible judge needs concurrency >= 1 and max_retries >= 0")
         self.settings, self.principles = settings, principles
         self._constitution = render_constitution(principles)
         self.name = f"openai_compatible({settings.model} @ {settings.base_url})"

@@ -1,4 +1,4 @@
-"""A local Hugging Face causal LM as a pairwise constitution judge, asked in both orders.
+"""A local Hugging Face causal LM as a pairwise constitution judge (conf/judge/llm.yaml), asked in both orders.
 
 The judge reads the constitution, the prompt and two responses labelled A and B, and we compare the
 next-token log-probabilities of "A" and "B" instead of generating and parsing an answer: one forward pass per
@@ -16,10 +16,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.generation import position_ids_from_mask
-from components.judges import (
+from components.judges.base import (
     Principle,
     Verdict,
     check_lengths,
+    check_number,
     checkpoint_identity,
     combine_orders,
     fingerprint_of,
@@ -33,7 +34,7 @@ LABELS = ("A", "B")
 
 @dataclass
 class LLMSettings:
-    """Settings of the local LM judge (all from conf/judge/llm.yaml)."""
+    """Settings of the local LM judge (all from conf/judge/llm.yaml); checks itself."""
 
     model: str  # hub id or local checkpoint of a causal LM (an instruction model judges best)
     template: str  # user message with {constitution}, {prompt}, {response_a}, {response_b}
@@ -41,6 +42,10 @@ class LLMSettings:
     tie_margin: float  # per order: |P(A) / (P(A) + P(B)) - 0.5| at or below this is a tie
     batch_size: int  # judge prompts per forward pass
     device: str
+
+    def __post_init__(self) -> None:
+        check_number("tie_margin", self.tie_margin, at_least=0, below=0.5)  # 0.5 or more: every pair a tie
+        check_number("batch_size", self.batch_size, at_least=1, integer=True)
 
 
 def label_token_ids(tokenizer) -> dict[str, list[int]]:
