@@ -23,6 +23,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A saved random 2-layer GPT-2 (`tests.helpers.ARCH`) with a ~200-token BPE tokenizer trained on
+    `synthetic_corpus`: for any test that needs some tiny causal LM checkpoint; read-only (write elsewhere)."""
+    from components.modeling import build_base_checkpoint
+    from tests.helpers import ARCH, synthetic_corpus
+
+    out = tmp_path_factory.mktemp("tiny_checkpoint")
+    return build_base_checkpoint(synthetic_corpus(300, 0), ARCH, vocab_size=200, seed=0, out_dir=out)
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect server + database for the whole session (started only by tests that run flows)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -7,13 +7,74 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from trl import RewardConfig, SFTConfig
 
 from components.ppo import PPOSettings
 from flows.config import CONF_DIR, ConfigError, compose_config, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml"))  # every option of every group
+PRIMARY_GROUPS = {next(iter(d)) for d in OmegaConf.load(CONF_DIR / "config.yaml").defaults if isinstance(d, DictConfig)}
+TRL_STAGES = ("sft", "reward", "dpo", "rl")  # nodes whose `args` may be a TRL config (rl: only rloo and grpo)
+
+
+def _option_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
+    """`group=option` (appended with `+` for a group outside the primary defaults list, such as `trainer`), plus
+    a placeholder path for every required `???` value the option leaves (e.g. `judge=reward_model`'s path)."""
+    overrides = [f"{'' if group in PRIMARY_GROUPS else '+'}{group}={option}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = hydra_compose("config", overrides=overrides)
+    return overrides + [f"{key}='{tmp_path / 'required'}'" for key in sorted(OmegaConf.missing_keys(raw))]
+
+
+def _instantiate_trl_args(cfg: dict, tmp_path: Path) -> dict[str, object]:
+    """Every stage's `args` node that names a `_target_`, instantiated as the flow does (output_dir per stage).
+
+    bf16 needs a GPU (or `use_cpu`) to pass transformers' own check, so on a CPU-only machine the GPU profile is
+    instantiated with `use_cpu=True`: every field is still checked by the TRL config class."""
+    built = {}
+    for stage in TRL_STAGES:
+        node = cfg[stage].get("args")
+        if isinstance(node, dict) and "_target_" in node:
+            cpu_only = {"use_cpu": True} if node.get("bf16") and not torch.cuda.is_available() else {}
+            built[stage] = instantiate(node, output_dir=str(tmp_path / stage), **cpu_only)
+            assert type(built[stage]).__name__ == node["_target_"].rsplit(".", 1)[1]
+    return built
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_option_composes_validates_and_instantiates(group, option, tmp_path):
+    """Each `conf/<group>/<option>.yaml`, found by globbing, composes into the full config, passes validation,
+    and every TRL trainer config it yields instantiates (no models: fast)."""
+    cfg = compose_config(_option_overrides(group, option, tmp_path))
+    validate_config(cfg)
+    built = _instantiate_trl_args(cfg, tmp_path)
+    expected = {"sft", "reward", "dpo"} | ({"rl"} if cfg["rl"]["algorithm"] in {"rloo", "grpo"} else set())
+    assert set(built) == expected
+
+
+def test_trainer_profile_is_shared_and_switches_every_stage_at_once(tmp_path):
+    """The keys every TRL trainer shares live only in conf/trainer/ (no stage file repeats one), reach every
+    stage's `args`, and `+trainer=gpu` switches all of them while stage-specific values stay."""
+    for path in CONF_DIR.glob("*/*.yaml"):
+        own = OmegaConf.load(path).get("args") or {}
+        assert not set(own) & set(OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml")), f"{path} repeats them"
+    profile = compose_config(["+trainer=cpu"])["trainer"]  # resolved (seed: ${seed})
+    gpu_only = {"bf16": True, "dataloader_pin_memory": True}
+    for rl in ("rloo", "grpo"):
+        cpu, gpu = compose_config([f"rl={rl}"]), compose_config([f"rl={rl}", "+trainer=gpu"])
+        assert "trainer" not in cpu  # the default run's config is unchanged: no extra node
+        for stage in TRL_STAGES:
+            assert cpu[stage]["args"] | profile == cpu[stage]["args"] and profile["bf16"] is False
+            assert gpu[stage]["args"] == cpu[stage]["args"] | gpu_only
+        assert cpu["rl"]["args"]["logging_steps"] == 5 and cpu["sft"]["args"]["logging_steps"] == 10
+    built = _instantiate_trl_args(compose_config(["rl=grpo", "+trainer=gpu"]), tmp_path)
+    assert set(built) == set(TRL_STAGES) and all(args.bf16 for args in built.values())
 
 
 @pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])

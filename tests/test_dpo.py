@@ -13,13 +13,12 @@ import pytest
 import torch
 from datasets import Dataset
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from components.dpo import train_dpo
 from components.modeling import build_base_checkpoint, load_causal_lm, load_tokenizer
 from components.review_task import build_embedded_splits, corpus
+from flows.config import compose_config
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 96}
 
 
@@ -27,11 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dpo_args(output_dir: Path, **overrides):
-    """`conf/dpo/default.yaml`'s DPOConfig with test-sized overrides, instantiated the way the flow does."""
-    cfg = OmegaConf.merge({"seed": 0}, {"dpo": OmegaConf.load(CONF / "dpo" / "default.yaml")})
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, f"dpo.args.{key}", value)
-    return instantiate(cfg.dpo.args, output_dir=str(output_dir))
+    """`conf/dpo/default.yaml`'s DPOConfig as Hydra composes it (with the shared conf/trainer/ settings) and
+    test-sized `dpo.args.<key>=value` overrides, instantiated the way the flow does."""
+    cfg = compose_config([f"dpo.args.{key}={value}" for key, value in overrides.items()])
+    return instantiate(cfg["dpo"]["args"], output_dir=str(output_dir))
 
 
 def clear_pairs(rows: list[dict], min_gap: float, tokenizer, max_tokens: int) -> Dataset:
@@ -70,7 +68,10 @@ def mean_margin(model, tokenizer, pairs: Dataset) -> float:
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
-    """One short DPO run on clear pairs from a random tiny checkpoint (the reference); ~10 s on one core."""
+    """One short DPO run on clear pairs from a random tiny checkpoint (the reference); ~10 s on one core.
+
+    Its own checkpoint, not the shared `tiny_checkpoint`: the pairs are review-task texts, so the tokenizer is
+    trained on the task corpus, and n_positions 96 holds each pair whole (the margin check scores whole texts)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("dpo")
     splits = build_embedded_splits(n_sft=100, n_preference=300, n_eval_preference=10, n_prompts=10,

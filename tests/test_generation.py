@@ -14,9 +14,8 @@ from components.generation import (
     sample_completions,
     sequence_logprobs,
 )
-from components.modeling import build_base_checkpoint, load_causal_lm, load_tokenizer
+from components.modeling import load_causal_lm, load_tokenizer
 from components.scoring import RewardScorer
-from tests.helpers import ARCH, synthetic_corpus
 
 PROMPTS = ["the cat", "a dog sat on the", "very", "the big red dog ran under a small blue log and"]
 
@@ -24,17 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory) -> str:
-    """A saved random 2-layer GPT-2 with its own BPE tokenizer."""
-    out = tmp_path_factory.mktemp("tiny_lm")
-    return build_base_checkpoint(synthetic_corpus(300, 0), ARCH, vocab_size=200, seed=0, out_dir=out)
-
-
-@pytest.fixture(scope="module")
-def eos_prone(tiny_path):
+def eos_prone(tiny_checkpoint):
     """The tiny model with a biased output layer so EOS is sampled often (~10% per step)."""
-    tokenizer = load_tokenizer(tiny_path)
-    model = load_causal_lm(tiny_path).eval()
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    model = load_causal_lm(tiny_checkpoint).eval()
     old = model.lm_head
     head = nn.Linear(old.in_features, old.out_features, bias=True)
     with torch.no_grad():
@@ -128,9 +120,9 @@ def test_sequence_logprobs_match_unpadded_forward(eos_prone):
     assert (got.entropy * (1 - out.completion_mask) == 0).all()
 
 
-def test_reward_scorer_appends_eos_and_is_padding_invariant(tiny_path):
+def test_reward_scorer_appends_eos_and_is_padding_invariant(tiny_checkpoint):
     torch.manual_seed(0)
-    scorer = RewardScorer(tiny_path, "cpu", None)
+    scorer = RewardScorer(tiny_checkpoint, "cpu", None)
     prompts, completions = PROMPTS, [" dog", " sat on a mat", "", " happy"]
     assert scorer.texts(prompts, completions)[0] == "the cat dog" + scorer.tokenizer.eos_token
     batched = scorer.score(prompts, completions, batch_size=4)

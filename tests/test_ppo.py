@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from components.generation import sample_completions
-from components.modeling import build_base_checkpoint, load_causal_lm, load_tokenizer
+from components.modeling import load_causal_lm, load_tokenizer
 from components.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -29,15 +29,7 @@ from components.ppo import (
     train_ppo,
     value_loss,
 )
-from tests.helpers import ARCH, synthetic_corpus
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory) -> str:
-    """A saved random 2-layer GPT-2 with its own BPE tokenizer."""
-    out = tmp_path_factory.mktemp("tiny_lm")
-    return build_base_checkpoint(synthetic_corpus(300, 0), ARCH, vocab_size=200, seed=0, out_dir=out)
-
+from tests.helpers import synthetic_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,8 +156,8 @@ def test_value_loss_clipping():
 
 
 # ------------------------------------------------------------------------------------ models and bookkeeping
-def test_value_head_starts_at_zero_and_keeps_lm_logits(tiny_path):
-    lm = load_causal_lm(tiny_path)
+def test_value_head_starts_at_zero_and_keeps_lm_logits(tiny_checkpoint):
+    lm = load_causal_lm(tiny_checkpoint)
     ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     policy = ValueHeadModel(lm).train()
@@ -177,10 +169,10 @@ def test_value_head_starts_at_zero_and_keeps_lm_logits(tiny_path):
     assert not any(name.startswith("value_head") for name in lm.state_dict())
 
 
-def test_select_rows_trims_shared_padding_without_changing_logprobs(tiny_path):
-    policy = ValueHeadModel(load_causal_lm(tiny_path)).eval()
+def test_select_rows_trims_shared_padding_without_changing_logprobs(tiny_checkpoint):
+    policy = ValueHeadModel(load_causal_lm(tiny_checkpoint)).eval()
     prompts = ["the cat", "a", "the big red dog ran under a small blue log", "very good"]
-    out = sample_completions(policy.lm, load_tokenizer(tiny_path), prompts, 6, 1.0, 4, generator_seed=0)
+    out = sample_completions(policy.lm, load_tokenizer(tiny_checkpoint), prompts, 6, 1.0, 4, generator_seed=0)
     mask = out.completion_mask.float()
     with torch.no_grad():
         logprobs, values, _ = policy_forward(policy, out.input_ids, out.attention_mask, out.n_prompt, mask, 1.0, False)
@@ -224,7 +216,7 @@ REQUIRED_KEYS = {
 }  # fmt: skip
 
 
-def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_path, tmp_path):
+def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_checkpoint, tmp_path):
     """+1 per occurrence of "the" in the completion: the random tiny model says it ~0.3 times per 12 tokens;
     after 16 updates ~11 (seeds 0-5 all gave 0.2-0.4 -> 11-11.4), so the +3 margin is far from flaky."""
     torch.manual_seed(0)
@@ -236,7 +228,7 @@ def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_path, tmp_pa
 
     out_dir = str(tmp_path / "ppo")
     final = train_ppo(
-        tiny_path, synthetic_corpus(64, 1), reward_fn, settings(adaptive_kl=True, missing_eos_penalty=0.0),
+        tiny_checkpoint, synthetic_corpus(64, 1), reward_fn, settings(adaptive_kl=True, missing_eos_penalty=0.0),
         out_dir, lambda i, m: logged.append((i, m)),
     )  # fmt: skip
     assert [i for i, _ in logged] == list(range(16))

@@ -23,7 +23,10 @@ TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positi
 
 @pytest.fixture(scope="module")
 def user_files(tmp_path_factory) -> dict[str, Path]:
-    """A user's own data (JSONL demos, Parquet pairs) and a local causal-LM checkpoint."""
+    """A user's own data (JSONL demos, Parquet pairs) and a local causal-LM checkpoint.
+
+    The checkpoint is built here, not the shared `tiny_checkpoint`: the whole pipeline trains on review-task
+    data, which needs a tokenizer trained on that corpus and n_positions 96 for its sequences."""
     root = tmp_path_factory.mktemp("user")
     splits = build_embedded_splits(300, 200, 20, 40, 20, 0.2, seed=3)
     pd.DataFrame(splits["sft"]).to_json(root / "demos.jsonl", orient="records", lines=True)

@@ -14,15 +14,15 @@ import pytest
 import torch
 from datasets import Dataset
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from components.generation import sample_completions
 from components.modeling import build_base_checkpoint, load_causal_lm, load_tokenizer
 from components.review_task import build_embedded_splits, corpus, words_of
 from components.sft import train_sft
 from components.trl_rl import as_trl_reward, positions_from_mask, train_grpo, train_rloo
+from flows.config import compose_config
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 96}
 WORD = "the"
 TRAINERS = {"rloo": train_rloo, "grpo": train_grpo}
@@ -36,12 +36,10 @@ def count_word(prompts: list[str], completions: list[str]) -> list[float]:
     return [float(words_of(c).count(WORD)) for c in completions]
 
 
-def group_config(group: str, name: str, **overrides) -> dict:
-    """A config group's YAML under its group key (as Hydra composes it), with `key.path=value` overrides."""
-    cfg = OmegaConf.merge({"seed": 0}, {group: OmegaConf.load(CONF / group / f"{name}.yaml")})
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, f"{group}.{key}", value)
-    return cfg
+def group_config(group: str, name: str, **overrides) -> DictConfig:
+    """The config as Hydra composes it with `group=name` (shared conf/trainer/ settings included) and
+    `group.key=value` overrides; interpolations such as `${rl.max_new_tokens}` see the overrides."""
+    return OmegaConf.create(compose_config([f"{group}={name}", *(f"{group}.{k}={v}" for k, v in overrides.items())]))
 
 
 def rl_run(algo: str, sft_path: str, prompts: Dataset, out: Path, **overrides) -> tuple[dict, list]:
@@ -60,7 +58,10 @@ SMALL = {"max_new_tokens": 16, "args.per_device_train_batch_size": 16, "args.num
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> dict:
-    """A tiny GPT-2 fine-tuned for a few steps on embedded demonstrations, plus training prompts (~5 s)."""
+    """A tiny GPT-2 fine-tuned for a few steps on embedded demonstrations, plus training prompts (~5 s).
+
+    Its own checkpoint, not the shared `tiny_checkpoint`: SFT on the review task needs a tokenizer trained on
+    the task corpus (prompts such as `Review of the kettle:`), and n_positions 96 for prompt + completion."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("trl_rl")
     splits = build_embedded_splits(n_sft=320, n_preference=10, n_eval_preference=10, n_prompts=64,

@@ -1,0 +1,79 @@
+"""Held-out evaluation (components/evaluate.py): win rates with ties as half, the sampled KL to the reference,
+and compare_policies on a policy that is its own SFT model (every comparison a tie, KL zero)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from components.evaluate import compare_policies, kl_to_reference, mean, win_rate
+from components.generation import SamplingSettings, sample_completions
+from components.modeling import load_causal_lm, load_tokenizer
+from components.scoring import RewardScorer
+
+PROMPTS = ["the cat", "a dog sat on the", "very", "the big red dog ran under a small blue log and", "good", "sad"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def gold(prompts: list[str], completions: list[str]) -> list[float]:
+    """A deterministic gold reward: positive words minus negative ones, a little credit for length."""
+    return [c.count("good") + c.count("happy") - c.count("bad") + 0.01 * len(c) for c in completions]
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1.0, 2.0, 3.0], [0.0, 2.0, 4.0]) == pytest.approx(0.5)
+    assert win_rate([1.0, 1.0], [0.0, 0.0]) == 1.0 and win_rate([0.0], [1.0]) == 0.0
+    assert win_rate([0.3, 0.3, 0.3, 0.3], [0.3, 0.3, 0.3, 0.3]) == 0.5
+    with pytest.raises(ValueError):
+        win_rate([1.0, 2.0], [1.0])
+
+
+def test_mean():
+    assert mean([1.0, 2.0, 6.0]) == 3.0 and mean([-0.5]) == -0.5
+
+
+def test_kl_of_a_model_to_itself_is_zero_and_to_another_positive(tiny_checkpoint):
+    tokenizer, model = load_tokenizer(tiny_checkpoint), load_causal_lm(tiny_checkpoint).eval()
+    rollout = sample_completions(model, tokenizer, PROMPTS, 8, 1.0, 3, generator_seed=0)
+    same = kl_to_reference(model, model, rollout, temperature=1.0, batch_size=4)
+    assert len(same) == len(PROMPTS) and same == pytest.approx([0.0] * len(PROMPTS), abs=1e-5)
+
+    policy = load_causal_lm(tiny_checkpoint).eval()  # the same model with a strong bias towards one word
+    favourite = tokenizer.convert_tokens_to_ids("▁good")
+    assert favourite != tokenizer.unk_token_id
+    bias = torch.zeros(len(tokenizer))
+    bias[favourite] = 5.0
+    policy.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
+    drifted = sample_completions(policy, tokenizer, PROMPTS, 8, 1.0, 3, generator_seed=0)
+    kl = kl_to_reference(policy, model, drifted, temperature=1.0, batch_size=4)
+    assert mean(kl) > 1.0, kl  # mostly "good", which the reference gives ~1/200
+    rebatched = kl_to_reference(policy, model, drifted, temperature=1.0, batch_size=6)
+    assert rebatched == pytest.approx(kl, abs=1e-4)  # batch size is memory, not results
+
+
+def test_compare_policies_of_a_model_with_itself_is_all_ties(tiny_checkpoint):
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.0, batch_size=4, seed=0)
+    scorer = RewardScorer(tiny_checkpoint, "cpu", None)  # a random scalar head: any deterministic scorer works
+    metrics, rows = compare_policies(tiny_checkpoint, tiny_checkpoint, PROMPTS, settings, "cpu", scorer, gold)
+    assert metrics["eval/gold_win_rate_vs_sft"] == 0.5 and metrics["eval/proxy_win_rate_vs_sft"] == 0.5
+    assert metrics["eval/win_rate_vs_sft"] == metrics["eval/gold_win_rate_vs_sft"]
+    assert metrics["eval/kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["eval/gold_reward_mean"] == metrics["eval/gold_reward_mean_sft"]
+    assert metrics["eval/mean_length"] == metrics["eval/mean_length_sft"] > 0
+    assert 0.0 <= metrics["eval/eos_rate"] <= 1.0 and metrics["eval/n_prompts"] == len(PROMPTS)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+    assert [r["prompt"] for r in rows] == PROMPTS
+    for row in rows:
+        assert row["policy"] == row["sft"] and row["gold_policy"] == row["gold_sft"]
+        assert row["proxy_policy"] == row["proxy_sft"]
+
+
+def test_compare_policies_without_scorers_reports_only_sampling_metrics(tiny_checkpoint):
+    settings = SamplingSettings(max_new_tokens=4, temperature=1.0, batch_size=6, seed=1)
+    metrics, rows = compare_policies(tiny_checkpoint, tiny_checkpoint, PROMPTS[:2], settings, "cpu", None, None)
+    assert set(metrics) == {"eval/kl_to_sft", "eval/mean_length", "eval/mean_length_sft", "eval/eos_rate",
+                            "eval/n_prompts"}  # fmt: skip
+    assert set(rows[0]) == {"prompt", "policy", "sft"}
