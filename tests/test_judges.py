@@ -7,6 +7,7 @@ import ast
 import copy
 import dataclasses
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -32,7 +33,14 @@ from components.judges.base import (
 )
 from components.judges.constitution import ConstitutionJudge, ConstitutionSettings
 from components.judges.llm import LLMJudge, LLMSettings, label_token_ids
-from components.judges.openai_compatible import HTTPJudge, HTTPSettings, parse_label, retry_after_seconds
+from components.judges.openai_compatible import (
+    REDACTOR,
+    HTTPJudge,
+    HTTPSettings,
+    parse_label,
+    redact,
+    retry_after_seconds,
+)
 from components.judges.reward_model import RewardModelSettings
 from components.modeling import build_base_checkpoint, load_reward_model, load_tokenizer, train_tokenizer
 from components.review_task import build_embedded_splits, gold_rewards
@@ -91,7 +99,6 @@ def test_unknown_kind_and_bad_settings_fail_naming_the_problem():
         build_judge(
             "reward_model", {"path": "x", "max_length": 8, "batch_size": 2, "margin": 0, "device": "cpu"}, PRINCIPLES
         )
-
 
 
 SETTINGS = {
@@ -179,6 +186,7 @@ def test_each_judge_module_imports_alone_and_the_package_stays_light():
 def test_no_importlib_in_components():
     offenders = [str(f) for f in (ROOT / "components").rglob("*.py") if "importlib" in f.read_text()]
     assert offenders == []
+
 
 # --------------------------------------------------------------------------------------- constitution judge
 @pytest.fixture(scope="module")
@@ -317,10 +325,13 @@ def test_reward_model_judge_follows_score_differences(reward_path, tmp_path):
 
 # --------------------------------------------------------------------------------------------- HTTP judge
 class FakeChatServer:
-    """A threaded chat-completions server on 127.0.0.1 whose behaviour a test scripts per request number."""
+    """A threaded chat-completions server on 127.0.0.1 whose behaviour a test scripts per request number:
+    `behave(n, body)` returns (status, headers, reply, delay), `reply` being the assistant's text or a dict sent as
+    the whole JSON body (an error object, an echo of the request); `headers[n]` holds request n's headers."""
 
     def __init__(self, behave) -> None:
         self.behave, self.requests, self.lock = behave, [], threading.Lock()
+        self.headers: list[dict[str, str]] = []  # every request's headers, in the order of `requests`
         self.in_flight = self.max_in_flight = 0
         server = self
 
@@ -330,13 +341,15 @@ class FakeChatServer:
                 with server.lock:
                     n = len(server.requests)
                     server.requests.append((time.monotonic(), self.headers.get("Authorization"), body))
+                    server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 status, headers, reply, delay = server.behave(n, body)
                 time.sleep(delay)
                 with server.lock:
                     server.in_flight -= 1
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                message = {"choices": [{"message": {"role": "assistant", "content": reply}}]}
+                payload = json.dumps(reply if isinstance(reply, dict) else message).encode()  # a dict: the whole body
                 try:
                     self.send_response(status)
                     for k, v in headers.items():
@@ -493,6 +506,75 @@ def test_http_client_errors_fail_without_retrying(monkeypatch):
             http_judge(server.url, monkeypatch, max_retries=3).judge(["p"], ["a"], ["b"])
     bodies = [json.dumps(body) for _, _, body in server.requests]
     assert len(bodies) == len(set(bodies)) <= 2  # each order asked at most once: a 401 is not retried
+
+
+def key_pieces(key: str, width: int = 8) -> list[str]:
+    return [key[i : i + width] for i in range(len(key) - width + 1)]
+
+
+def test_redact_masks_keys_their_echoed_pieces_and_credential_values():
+    assert redact(f"got {SECRET}!", [SECRET]) == "got ***!"
+    assert redact(f"cut short: {SECRET[3:14]}", [SECRET]) == "cut short: ***"  # an excerpt's piece of the key
+    assert (
+        redact(f"{SECRET[:7]} is too short a piece to tell", [SECRET]) == f"{SECRET[:7]} is too short a piece to tell"
+    )
+    assert redact("both sk-one-1234567 and sk-two-7654321", ["sk-one-1234567", "sk-two-7654321"]) == "both *** and ***"
+    assert redact("x sk-one-1234567", ["sk-one-1234567", "one-1234567"]) == "x ***"  # overlapping keys: one mask
+    assert redact("the kettle is excellent", [SECRET]) == "the kettle is excellent"
+    assert redact('{"Authorization": "Bearer other.token"}', []) == '{"Authorization": "***"}'
+    assert redact("proxy-authorization: Basic dXNlcjpwYXNz\r\n", []) == "proxy-authorization: ***\r\n"
+    assert redact("(b'x-echo', b'Bearer abc')", []) == "(b'x-echo', b'Bearer ***')"
+    assert redact("GET /v1?api_key=abc123&q=1 x-api-key: zz", []) == "GET /v1?api_key=***&q=1 x-api-key: ***"
+    assert (
+        redact("https://user:pw@host/v1 and http://127.0.0.1:9/v1", [])
+        == "https://***@host/v1 and http://127.0.0.1:9/v1"
+    )
+    assert redact("api_key_env: OPENAI_API_KEY, max_tokens: 5", []) == "api_key_env: OPENAI_API_KEY, max_tokens: 5"
+
+
+def test_redactor_filter_rewrites_every_record_of_the_judge_logger(monkeypatch, caplog):
+    monkeypatch.setenv("ALIGNFLOW_TEST_JUDGE_KEY", SECRET)
+    REDACTOR.watch("ALIGNFLOW_TEST_JUDGE_KEY")
+    log = logging.getLogger("components.judges.openai_compatible")
+    with caplog.at_level(logging.DEBUG, logger=log.name):
+        log.debug("sent %s", {"headers": {"auth": SECRET}})
+        try:
+            raise RuntimeError(f"server said {SECRET[:20]}")
+        except RuntimeError:
+            log.exception("failed")
+        log.info("bad %d format", SECRET)  # would raise inside the filter: kept, redacted
+    texts = [r.getMessage() for r in caplog.records] + [caplog.text]
+    assert len(caplog.records) == 3 and all(r.exc_info is None for r in caplog.records)
+    assert "RuntimeError: server said ***" in texts[1]
+    assert not any(piece in text for text in texts for piece in key_pieces(SECRET))
+
+
+def echo_auth_first(n, body):
+    """A proxy's error page with status 200: no choices, the request's Authorization header first."""
+    return 200, {}, {"error": {"echo": {"authorization": f"Bearer {SECRET}", "body": body}}}, 0.0
+
+
+def test_http_echoed_key_is_redacted_from_warnings_errors_and_raw_verdicts(monkeypatch, caplog):
+    def then_verdict(n, body):
+        return echo_auth_first(n, body) if n < 2 else (200, {}, f"{content_verdict(body)}\n(key {SECRET})", 0.0)
+
+    with caplog.at_level(logging.DEBUG), FakeChatServer(then_verdict) as server:
+        verdicts = http_judge(server.url, monkeypatch).judge(*PAIRS)
+    assert [v.preference for v in verdicts] == [1.0, 0.0, 0.5] and "(key ***)" in verdicts[0].raw
+    warnings = [r.getMessage() for r in caplog.records if "retry in" in r.getMessage()]
+    assert len(warnings) == 2 and all(
+        "malformed response body" in w and '"authorization": "***"' in w for w in warnings
+    )
+    with caplog.at_level(logging.DEBUG), FakeChatServer(echo_auth_first) as server:
+        with pytest.raises(JudgeError, match="malformed response body") as caught:
+            http_judge(server.url, monkeypatch, max_retries=1).judge(*PAIRS)
+    texts = [str(caught.value), caplog.text, *(json.dumps(v.to_dict()) for v in verdicts)]
+    assert not any(piece in text for text in texts for piece in key_pieces(SECRET))
+
+
+def test_http_judge_name_hides_url_credentials(monkeypatch):
+    judge = http_judge("https://user:pw-123@judge.example/v1", monkeypatch)
+    assert judge.name == "openai_compatible(fake-judge @ https://***@judge.example/v1)"
 
 
 def test_http_missing_key_variable_is_named(monkeypatch):

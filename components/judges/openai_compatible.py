@@ -3,10 +3,13 @@
 
 Works with any server speaking `POST {base_url}/chat/completions` (OpenAI, vLLM, llama.cpp, TGI…). The API key
 is read from the environment variable named by `api_key_env` at call time and only ever sent as a Bearer header:
-it is not stored on the judge, not part of the fingerprint, verdicts or error messages. Requests run on a thread
-pool of `concurrency` workers sharing one httpx client; each has a timeout and up to `max_retries` retries with
-exponential backoff (a 429's `Retry-After` is honoured). Unparseable replies are retried too; a pair that still
-fails raises `JudgeError` naming the judge, the pair index and the last problem.
+it is not stored on the judge nor part of the fingerprint. A server may echo what it was sent (error bodies,
+replies, headers), so every text that leaves this module goes through `REDACTOR`: the records of this module's
+logger and of its httpx/httpcore client (a `logging.Filter`, so a new log line cannot forget it), `JudgeError`
+messages and the replies kept in `Verdict.raw`. Requests run on a thread pool of `concurrency` workers sharing one
+httpx client; each has a timeout and up to `max_retries` retries with exponential backoff (a 429's `Retry-After`
+is honoured). Unparseable replies are retried too; a pair that still fails raises `JudgeError` naming the judge,
+the pair index and the last problem.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
+import traceback
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -36,6 +42,90 @@ from components.judges.base import (
 )
 
 logger = logging.getLogger(__name__)
+
+MASK = "***"
+MIN_KEY_PIECE = 8  # an echoed run of the key this long is masked too (excerpts cut keys short)
+_CREDENTIAL = re.compile(  # a credential header or parameter's value, whoever's key it is
+    r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]?key|access[-_]token)([\"']?\s*[:=]\s*[\"']?)"
+    r"(?:(?:bearer|basic|token)\s+)?[^\s\"',;&})\]]+"
+)
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;&})\]]+")
+_URL_USERINFO = re.compile(r"(?<=://)[^/\s@]+@")  # https://user:secret@host/v1
+
+
+def _key_spans(text: str, key: str) -> Iterable[tuple[int, int]]:
+    """Where `text` holds the key or a run of at least MIN_KEY_PIECE characters of it (leftmost, longest)."""
+    if len(key) < MIN_KEY_PIECE:
+        yield from ((m.start(), m.end()) for m in re.finditer(re.escape(key), text))
+        return
+    i = 0
+    while i + MIN_KEY_PIECE <= len(text):
+        if text[i : i + MIN_KEY_PIECE] not in key:
+            i += 1
+            continue
+        j = i + MIN_KEY_PIECE
+        while j < len(text) and text[i : j + 1] in key:
+            j += 1
+        yield i, j
+        i = j
+
+
+def redact(text: str, keys: Iterable[str]) -> str:
+    """`text` with each key, any echoed piece of one (>= MIN_KEY_PIECE chars), credential header/parameter values
+    (`Authorization: …`, `Bearer …`, `api_key=…`) and URL user-info replaced by MASK."""
+    parts, end = [], 0
+    for start, stop in sorted(span for key in keys if key for span in _key_spans(text, key)):
+        if start >= end:  # overlapping spans (two keys) share one mask
+            parts.append(text[end:start] + MASK)
+        end = max(end, stop)
+    text = "".join(parts) + text[end:]
+    text = _CREDENTIAL.sub(lambda m: f"{m[1]}{m[2]}{MASK}", text)
+    return _URL_USERINFO.sub(f"{MASK}@", _BEARER.sub(lambda m: f"{m[1]}{MASK}", text))
+
+
+class KeyRedactor(logging.Filter):
+    """Redacts the keys of every HTTP judge in this process from log records and texts.
+
+    It remembers the names of the environment variables holding keys (each judge `watch`es its `api_key_env`),
+    never the keys: their current values are read when a text is redacted. As a filter it rewrites a record's
+    message (arguments, exception and stack text folded in) before any handler sees it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._env_names: set[str] = set()
+        self._lock = threading.Lock()
+
+    def watch(self, env_name: str | None) -> None:
+        """Redact the value of `env_name` from now on (None: nothing to watch)."""
+        if env_name:
+            with self._lock:
+                self._env_names.add(env_name)
+
+    def redact(self, text: str) -> str:
+        """`redact` with the current values of the watched variables."""
+        with self._lock:
+            names = sorted(self._env_names)
+        return redact(text, [os.environ.get(name, "") for name in names])
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit the format: keep both, redacted
+            text = f"{record.msg} {record.args!r}"
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        if record.stack_info:
+            text += "\n" + record.stack_info
+        record.msg, record.args = self.redact(text), None
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+REDACTOR = KeyRedactor()
+REDACTED_LOGGERS = (__name__, "httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2")  # judge, client
+for _logger_name in REDACTED_LOGGERS:
+    logging.getLogger(_logger_name).addFilter(REDACTOR)
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 SWAPPED = {"a": "b", "b": "a", "tie": "tie"}  # a label given in the (b, a) order, mapped back to the pair
@@ -166,9 +256,10 @@ def ask_with_retries(
 
 
 def two_order_verdict(first: tuple[str, str], second: tuple[str, str]) -> Verdict:
-    """Verdict from the (a, b) reply and the (b, a) reply, each a (label, text) pair; both texts kept in `raw`."""
+    """Verdict from the (a, b) reply and the (b, a) reply, each a (label, text) pair; both texts kept (redacted)
+    in `raw`."""
     preference, consistent = combine_orders(first[0], SWAPPED[second[0]])
-    raw = json.dumps({"order_ab": first[1], "order_ba": second[1]})
+    raw = json.dumps({"order_ab": REDACTOR.redact(first[1]), "order_ba": REDACTOR.redact(second[1])})
     return Verdict(preference, position_consistent=consistent, raw=raw)
 
 
@@ -179,7 +270,8 @@ class HTTPJudge:
         """Keep the settings and render the constitution; no connection is opened until `judge`."""
         self.settings, self.principles = settings, principles
         self._constitution = render_constitution(principles)
-        self.name = f"openai_compatible({settings.model} @ {settings.base_url})"
+        self.name = f"openai_compatible({settings.model} @ {redact(settings.base_url, ())})"
+        REDACTOR.watch(settings.api_key_env)
 
     def request_body(self, prompt: str, first: str, second: str) -> dict[str, Any]:
         """The chat-completions request asking whether `first` (A) or `second` (B) better follows the constitution."""
@@ -207,9 +299,7 @@ class HTTPJudge:
                 }
                 replies = {job: future.result() for job, future in futures.items()}
             except JudgeError as exc:  # a server may echo what it was sent: never let the key into the message
-                raise JudgeError(
-                    exc.judge, exc.index, exc.problem.replace(key, "***") if key else exc.problem
-                ) from None
+                raise JudgeError(exc.judge, exc.index, REDACTOR.redact(exc.problem)) from None
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         return [two_order_verdict(replies[(i, 0)], replies[(i, 1)]) for i in range(len(prompts))]
