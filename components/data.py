@@ -10,9 +10,11 @@ and DPO, `prompt` for on-policy RL.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,72 @@ def _pick_split(table: Any, split: str | None, source: str) -> datasets.Dataset:
     return table[split]
 
 
+def _first_line(err: BaseException) -> str:
+    """An exception as `Type: first line`; datasets' generic wrapper is replaced by the cause it wraps."""
+    while type(err).__name__ == "DatasetGenerationError" and (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _decode_lines(path: Path) -> Iterable[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, streamed; a line that is not UTF-8 fails naming line and byte."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetValidationError(
+                    f"{path}: line {number} is not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    f"re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`"
+                ) from err
+            yield number, line
+
+
+def _check_json_lines(path: Path, lines: list[tuple[int, str]]) -> str | None:
+    """The first problem of a JSON Lines file (one object per line), or None."""
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number} is not valid JSON ({err.msg}: column {err.colno}); is the file truncated?"
+        if not isinstance(row, dict):
+            return f"line {number}: expected one JSON object per line, got {type(row).__name__}"
+    return None
+
+
+def _check_text_file(path: Path, builder: str) -> None:
+    """Readable, UTF-8, not empty, and (JSON) parseable: fail naming the line instead of a datasets traceback."""
+    lines = list(_decode_lines(path))
+    if not any(line.strip() for _, line in lines):
+        raise DatasetValidationError(f"{path}: the file is empty; fill it with rows in a standard format")
+    if builder != "json":
+        return
+    problem = _check_json_lines(path, lines)
+    if problem and path.suffix.lower() == ".json":  # a .json file may also be one JSON document (a list of rows)
+        try:
+            json.loads("".join(line for _, line in lines))
+            return
+        except json.JSONDecodeError as err:
+            if lines[0][1].lstrip().startswith("["):
+                problem = f"line {err.lineno} is not valid JSON ({err.msg}: column {err.colno}); is the file truncated?"
+    if problem:
+        raise DatasetValidationError(f"{path}: {problem}")
+
+
+def _check_parquet(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except Exception as err:  # not Parquet, or cut short (the footer holds the schema)
+        raise DatasetValidationError(
+            f"{path}: not a readable Parquet file ({_first_line(err)}); is it truncated or another format?"
+        ) from err
+
+
 def _load_file(path: Path, split: str | None) -> datasets.Dataset:
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
@@ -80,16 +148,29 @@ def _load_file(path: Path, split: str | None) -> datasets.Dataset:
             f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)} "
             "or a folder written by Dataset.save_to_disk"
         )
+    if not os.access(path, os.R_OK):
+        raise DatasetValidationError(f"{path}: the file is not readable (permissions); fix them, e.g. chmod +r")
+    if path.stat().st_size == 0:
+        raise DatasetValidationError(f"{path}: the file is empty (0 bytes); fill it with rows in a standard format")
+    if builder == "parquet":
+        _check_parquet(path)
+    else:
+        _check_text_file(path, builder)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split=split or "train")
-    except Exception as err:  # malformed JSON/CSV/Parquet, or columns whose type changes between rows
-        message = f"{path}: could not be read as {builder}: {type(err).__name__}: {err}"
-        raise DatasetValidationError(message) from err
+    except Exception as err:  # malformed CSV/Parquet, or columns whose type changes between rows
+        raise DatasetValidationError(f"{path}: could not be read as {builder}: {_first_line(err)}") from err
 
 
 def _load_dataset(source: str, name: str | None, split: str | None) -> datasets.Dataset:
     """`datasets.load_dataset` for a hub id or a local data folder; without a split, take the only one."""
-    table = datasets.load_dataset(source, name, split=split)
+    try:
+        table = datasets.load_dataset(source, name, split=split)
+    except Exception as err:  # unknown id, offline without a cached copy, unknown split or config name
+        offline = " (offline: HF_DATASETS_OFFLINE=1)" if datasets.config.HF_DATASETS_OFFLINE else ""
+        raise DatasetValidationError(
+            f"{source}: could not be loaded as a hub dataset or data folder{offline}: {_first_line(err)}"
+        ) from err
     return table if split is not None else _pick_split(table, None, source)
 
 
@@ -266,19 +347,29 @@ def validate_records(records: Records, source: str, use: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ normalising
+#: Turn markers of HH-style transcripts: an implicit prompt ends with the last one the two answers share.
+TURN_MARKERS = ("\n\nAssistant:",)
+
+
 def extract_shared_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     """Split an implicit prompt out of a pair: (prompt, chosen answer, rejected answer).
 
     Conversations: the prompt is the common leading messages (each side keeps at least its last message).
-    Strings: the common prefix cut back to a whitespace boundary, so answers start with a space and never
-    split a word. An empty prompt means the pair shares none.
+    Strings with turn markers (HH-style "\n\nHuman: …\n\nAssistant: …"): the prompt ends with the last marker
+    inside the common prefix, so two answers that both start "I think" keep it. Other strings: the common prefix
+    cut back to a whitespace boundary, so answers start with a space and never split a word. An empty prompt
+    means the pair shares none.
     """
     if isinstance(chosen, list):
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
         return chosen[:n], chosen[n:], rejected[n:]
-    j = len(os.path.commonprefix([chosen, rejected]))
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = max(shared.rfind(marker) + len(marker) if marker in shared else -1 for marker in TURN_MARKERS)
+    if cut > 0 and chosen[cut:].strip() and rejected[cut:].strip():
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    j = len(shared)
     while j > 0 and not (chosen[j - 1].isspace() and chosen[j - 1 :].strip() and rejected[j - 1 :].strip()):
         j -= 1
     j = max(j - 1, 0)
@@ -391,27 +482,55 @@ def _load_node(node: dict[str, Any], use: str, max_samples: int | None, seed: in
     return NORMALISERS[use](table, label)
 
 
+@contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Prefix a DatasetValidationError raised inside with the config field it concerns (e.g. `data.sft`)."""
+    try:
+        yield
+    except DatasetValidationError as err:
+        raise DatasetValidationError(f"`{name}`: {err}") from err
+
+
+def _held_out(records: Records, fraction: int | float, seed: int, node: dict[str, Any],
+              name: str) -> tuple[Records, Records]:
+    """train_eval_split, failing with the field, file and fix when the split leaves either part empty."""
+    try:
+        return train_eval_split(records, fraction, seed)
+    except ValueError as err:
+        raise DatasetValidationError(
+            f"`{name}`: {node['path']}: {len(records)} row(s) cannot be split into train and eval with "
+            f"`data.eval_fraction` = {fraction!r}: add rows, change data.eval_fraction, or give a separate "
+            "evaluation set"
+        ) from err
+
+
 def load_file_splits(cfg: dict[str, Any]) -> dict[str, datasets.Dataset]:
     """Every split of a user-data config (conf/data/files.yaml): sft, preference(_eval), (eval_)prompts.
 
     `cfg` holds {path, name, split} nodes `sft`, `preference` and optional `preference_eval` / `prompts`,
     plus `eval_fraction`, `max_samples` and `seed`. Without `preference_eval`, `eval_fraction` of the pairs is
     held out; without `prompts`, RL prompts come from the training pairs and evaluation prompts from the
-    held-out pairs; with `prompts`, `eval_fraction` of them is held out. Everything is validated here.
+    held-out pairs; with `prompts`, `eval_fraction` of them is held out. Everything is validated here; errors
+    name the config node (`data.sft`, …) and the file.
     """
     seed, cap, fraction = cfg["seed"], cfg["max_samples"], cfg["eval_fraction"]
-    sft = _load_node(cfg["sft"], "sft", cap, seed)
-    preference = _load_node(cfg["preference"], "preference", cap, seed)
+    with _field("data.sft"):
+        sft = _load_node(cfg["sft"], "sft", cap, seed)
+    with _field("data.preference"):
+        preference = _load_node(cfg["preference"], "preference", cap, seed)
     if cfg["preference_eval"] is not None:
-        preference_eval = _load_node(cfg["preference_eval"], "preference", cap, seed)
+        with _field("data.preference_eval"):
+            preference_eval = _load_node(cfg["preference_eval"], "preference", cap, seed)
     else:
-        preference, preference_eval = train_eval_split(preference, fraction, seed)
+        preference, preference_eval = _held_out(preference, fraction, seed, cfg["preference"], "data.preference")
     if cfg["prompts"] is not None:
-        all_prompts = _load_node(cfg["prompts"], "prompt", cap, seed)
-        prompts, eval_prompts = train_eval_split(all_prompts, fraction, seed)
+        with _field("data.prompts"):
+            all_prompts = _load_node(cfg["prompts"], "prompt", cap, seed)
+        prompts, eval_prompts = _held_out(all_prompts, fraction, seed, cfg["prompts"], "data.prompts")
     else:
-        prompts = to_prompt_records(preference, "preference prompts")
-        eval_prompts = to_prompt_records(preference_eval, "preference_eval prompts")
+        with _field("data.preference"):
+            prompts = to_prompt_records(preference, "preference prompts")
+            eval_prompts = to_prompt_records(preference_eval, "preference_eval prompts")
     return {
         "sft": sft,
         "preference": preference,

@@ -24,12 +24,27 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+#: The embedded tokenizer's chat template, so conversational data works offline: each message is `role: content`
+#: closed by EOS, and the generation prompt is `assistant:`. The rendered prompt is a token prefix of the rendered
+#: conversation (TRL's completion mask relies on it); no BOS in the template, since tokenizing the rendered text
+#: for generation adds it (as for plain-string prompts). `{% generation %}` marks assistant tokens, so
+#: `assistant_only_loss=true` works too.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['role'] + ':' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}"
+    "{%- else -%}{{ ' ' + message['content'] + eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
+)
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a BPE tokenizer (Metaspace pre-tokenisation, so decoding restores spaces) on `corpus`.
 
-    Pad differs from EOS: sequence-classification heads find the last real token through the pad id.
+    Pad differs from EOS: sequence-classification heads find the last real token through the pad id. It carries
+    CHAT_TEMPLATE, so message lists (UltraFeedback-style data) can be trained on without a hub model.
     """
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -41,6 +56,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"  # generation pads on the left; trainers set their own side when they need to
     return fast
 
@@ -101,6 +117,15 @@ def load_reward_model(name_or_path: str, dtype: torch.dtype | None = None) -> Pr
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def context_length(config: Any) -> int | None:
+    """How many positions a model config can attend to (None when the architecture has no fixed limit)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def resolve_device(device: str) -> str:

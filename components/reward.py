@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset
+from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from components.hooks import StepLogger
@@ -22,6 +23,7 @@ def train_reward_model(
 ) -> dict[str, float]:
     """Train a scalar-head reward model from `init_path` on preference pairs; save it to `output_dir`."""
     tokenizer = load_tokenizer(init_path)
+    set_seed(args.seed)  # the new scalar head is drawn from the RNG: the same seed gives the same model
     model = load_reward_model(init_path)
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(

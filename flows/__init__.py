@@ -1,11 +1,19 @@
 """Prefect flows and tasks that orchestrate alignflow's stages (components/ holds the stage code itself).
 
 Prefect reads its settings at import time, so the quiet, reliable defaults measured in NOTES-stack are set here,
-before anything imports prefect; a user's own environment still wins.
+before anything imports prefect; a user's own environment still wins. Prefect's home (its database) and the
+Hugging Face datasets cache go under ALIGNFLOW_ROOT with everything else alignflow writes, so one store can be
+moved, backed up or deleted as a unit.
 """
 
 import os
 import warnings
+from pathlib import Path
+
+_STATE = Path(os.environ.get("ALIGNFLOW_ROOT", ".")).expanduser().resolve() / ".alignflow"
+os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its server does not create the folder
+os.environ.setdefault("HF_DATASETS_CACHE", str(_STATE / "hf_datasets"))
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry caused "database is locked"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 2 processes need > 20 s

@@ -1,10 +1,13 @@
-"""Stage keys: the cache and the artifact store are one thing.
+"""Stage keys: the cache and the artifact store are one thing, keyed by content.
 
-key = sha256(stage name, resolved stage config, upstream keys, fingerprint of the component source it calls).
-A stage writes to `<artifact_dir>/<stage>/<key>/` and, only after success, an atomic `DONE` marker holding its
-result. No marker means "not done": the directory is wiped and the stage runs again; a marked one is never
-rewritten. The component fingerprint follows `components.*` imports, so editing components/ppo.py changes the
-PPO key (and through upstream keys everything after it) but nothing before it.
+key = sha256(stage name, resolved stage config, digests of the outside inputs it reads (local files by their
+bytes, hub repos by their revision), the manifest digests of its upstream stages' outputs, fingerprint of the
+component source it calls). A stage writes to `<artifact_dir>/<stage>/<key>/` and, only after success, a manifest
+of its outputs (path, size, sha256) inside an atomic `DONE` marker holding its result. No marker means "not
+done": the directory is wiped and the stage runs again; a marked one is never rewritten. On reuse the outputs are
+checked against the manifest (sizes always, hashes when asked), so a damaged stage is rebuilt, not trusted. The
+component fingerprint follows `components.*` imports, so editing components/ppo.py changes the PPO key (and
+through the manifests whatever PPO then produces differently) but nothing before it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import ast
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -24,6 +28,13 @@ from typing import Any
 
 DONE = "DONE"
 KEY_LENGTH = 16
+CHUNK = 1 << 20
+UNTRACKED = ("trainer",)  # scratch folders in a stage directory that are not outputs (TRL's output_dir)
+log = logging.getLogger("alignflow")
+
+
+class DamagedStage(RuntimeError):
+    """A finished stage whose marker or outputs no longer match what it recorded; the message says which file."""
 
 
 def read_source(module: str) -> bytes:
@@ -81,22 +92,144 @@ def source_fingerprint(modules: list[str]) -> str:
     return digest.hexdigest()
 
 
-def stage_key(stage: str, config: Any, upstream: dict[str, str], modules: list[str]) -> str:
-    """Content key of one stage: its name, resolved config, upstream keys and component fingerprint."""
-    payload = json.dumps(
-        {"stage": stage, "config": config, "upstream": upstream, "source": source_fingerprint(modules)},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+def stage_key(stage: str, config: Any, upstream: dict[str, str], modules: list[str],
+              inputs: dict[str, str] | None = None) -> str:
+    """Content key of one stage: its name, resolved config, the digests of its upstream outputs and outside
+    inputs, and its component fingerprint."""
+    payload = {"stage": stage, "config": config, "upstream": upstream, "source": source_fingerprint(modules)}
+    if inputs:
+        payload["inputs"] = inputs
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:KEY_LENGTH]
 
 
-def read_done(stage_dir: Path) -> dict[str, Any] | None:
-    """The stored result of a finished stage, or None when it never finished (or its directory is gone)."""
+# ------------------------------------------------------------------------------------------- content digests
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _output_files(stage_dir: Path) -> list[Path]:
+    """Every file a stage produced: all but the marker, dotfiles and scratch folders."""
+    files = []
+    for path in sorted(stage_dir.rglob("*")):
+        rel = path.relative_to(stage_dir)
+        if path.is_file() and rel.parts[0] not in UNTRACKED and not any(p.startswith(".") for p in rel.parts) \
+                and rel.name != DONE:
+            files.append(path)
+    return files
+
+
+def build_manifest(stage_dir: Path) -> dict[str, Any]:
+    """{files: {relative path: {size, sha256}}, digest}: what a stage produced, and one hash over all of it."""
+    stage_dir = Path(stage_dir)
+    files = {str(p.relative_to(stage_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in _output_files(stage_dir)}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"files": files, "digest": digest}
+
+
+def check_outputs(stage_dir: Path, manifest: dict[str, Any], full: bool) -> None:
+    """Raise DamagedStage naming the first output that is missing, has another size or (if `full`) other bytes."""
+    for rel, entry in sorted(manifest["files"].items()):
+        path = Path(stage_dir) / rel
+        if not path.is_file():
+            raise DamagedStage(f"{path} is missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise DamagedStage(f"{path} has {size} bytes, {entry['size']} were written")
+        if full and file_sha256(path) != entry["sha256"]:
+            raise DamagedStage(f"{path} has other bytes than were written (sha256 differs)")
+
+
+def input_digest(source: str, memo: DigestMemo | None = None) -> str:
+    """Content identity of an outside input: a local file or folder by its bytes, a hub repo by its revision
+    (resolved online; `hub:<id>` when it cannot be resolved, e.g. offline)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return memo.file(path) if memo else file_sha256(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+            sha = memo.file(f) if memo else file_sha256(f)
+            digest.update(f"{f.relative_to(path)}\0{sha}\n".encode())
+        return digest.hexdigest()
+    return hub_revision(source)
+
+
+def hub_revision(repo_id: str) -> str:
+    """The commit a hub id resolves to now (model or dataset repo), or `hub:<id>` when that cannot be known."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return f"hub:{repo_id}"
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        for kind in ("model", "dataset"):
+            try:
+                return api.repo_info(repo_id, repo_type=kind, timeout=10).sha or f"hub:{repo_id}"
+            except Exception:  # noqa: BLE001 - not this kind, not reachable, or not a repo at all
+                continue
+    except ImportError:
+        pass
+    return f"hub:{repo_id}"
+
+
+class DigestMemo:
+    """sha256 of large input files remembered by (path, size, mtime), so a 10 GB checkpoint is hashed once, not
+    on every run; a file edited in place gets a new mtime and is hashed again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.known: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+
+    def file(self, path: Path) -> str:
+        stat = path.stat()
+        ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if ident not in self.known:
+            self.known[ident] = file_sha256(path)
+            self._save()
+        return self.known[ident]
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.known))
+        os.replace(tmp, self.path)
+
+
+def read_done(stage_dir: Path, verify: str = "sizes") -> dict[str, Any] | None:
+    """The stored result of a finished stage, or None when it never finished (or its directory is gone).
+
+    Raises DamagedStage when the marker is unreadable or the outputs differ from its manifest (`verify`: `sizes`
+    checks every file's presence and size, `hashes` also its sha256, `none` nothing).
+    """
     marker = Path(stage_dir) / DONE
     if not marker.is_file():
         return None
-    return json.loads(marker.read_text())
+    try:
+        result = json.loads(marker.read_text())
+        manifest = result["manifest"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DamagedStage(f"{marker} is unreadable ({type(err).__name__}: {err})") from err
+    if verify != "none":
+        check_outputs(stage_dir, manifest, full=verify == "hashes")
+    return result
+
+
+def finished(stage: str, stage_dir: Path, verify: str) -> dict[str, Any] | None:
+    """`read_done`, but a damaged stage is reported in one line and treated as not finished (it is rebuilt)."""
+    try:
+        return read_done(stage_dir, verify)
+    except DamagedStage as err:
+        log.warning("[%s] stored result is damaged: %s; rebuilding the stage", stage, err)
+        return None
 
 
 def write_done(stage_dir: Path, result: dict[str, Any]) -> None:

@@ -2,11 +2,18 @@
 
 The flow receives the job's overrides, not the composed config, so a scheduled deployment can pass exactly the
 same thing later. In a `-m` sweep every job hangs under one MLflow sweep parent run.
+
+Before the flow (and so before the Prefect server starts or anything trains), the config's values are checked
+(`flows.config.validate_config`) and then what they point at: machine, trainer args, judge, models and data files
+(`flows.preflight.preflight`). A failure prints one line naming the field or file and the fix and exits with
+status 2; `HYDRA_FULL_ERROR=1` adds the traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,32 +25,43 @@ from flows.config import CONF_DIR, ConfigError
 log = logging.getLogger("alignflow")
 
 
+def fail(err: Exception) -> NoReturn:
+    """Report an expected failure as one line (with the traceback only under HYDRA_FULL_ERROR=1), exit 2."""
+    from flows.preflight import one_line
+
+    log.error("%s", one_line(err), exc_info=os.environ.get("HYDRA_FULL_ERROR") == "1")
+    raise SystemExit(2) from err
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Entry point: run the pipeline for this job's overrides; returns the gold win rate (for sweepers)."""
+    from components.data import DatasetValidationError
     from flows.config import to_plain, validate_config
+    from flows.preflight import preflight
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
-    try:  # fail on bad values here, before a Prefect server starts or anything trains
+    try:  # fail here, before a Prefect server starts or anything trains
         config = to_plain(cfg)  # composed once, by Hydra; the flow gets it as it is
-        validate_config(config)
-    except ConfigError as err:
-        log.error("%s", err)
-        raise SystemExit(2) from err
-    from components.data import DatasetValidationError
+        validate_config(config)  # the values
+        preflight(config)  # what they point at: machine, trainer args, judge, models, data files
+    except (ConfigError, DatasetValidationError) as err:
+        fail(err)
     from components.judges.base import JudgeError
+    from flows.lifecycle import tie_children_to_process
     from flows.pipeline import alignflow
     from flows.tracking import get_or_create_sweep_run, init_tracking
+
+    tie_children_to_process()  # SIGTERM ends runs FAILED; Prefect's temporary server dies with this process
 
     parent = None
     if hc.mode == RunMode.MULTIRUN:
         parent = get_or_create_sweep_run(init_tracking(config["tracking"]), hc.sweep.dir, overrides)
     try:
         summary = alignflow(overrides=overrides, parent_run_id=parent, config=config)
-    except (DatasetValidationError, JudgeError) as err:  # clear, expected failures: no traceback needed
-        log.error("%s", err)
-        raise SystemExit(2) from err
+    except (ConfigError, DatasetValidationError, JudgeError) as err:  # expected failures: no traceback needed
+        fail(err)
     metrics = {k: v for stage in summary["stages"] for k, v in stage["metrics"].items()}
     return metrics.get("eval/win_rate_vs_sft")
 

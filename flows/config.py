@@ -13,6 +13,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from components.generation import SamplingSettings
 from components.ppo import PPOSettings
@@ -36,7 +37,13 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """A composed config as a resolved plain dict without the `hydra` node (what the flow and stages read)."""
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"config field `{err.full_key}` is required (???): set it, e.g. {err.full_key}=…") from err
+    except OmegaConfBaseException as err:  # an interpolation that cannot be resolved
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(f"config field `{err.full_key}` cannot be resolved: {reason}") from err
     plain.pop("hydra", None)
     return plain
 
@@ -61,44 +68,104 @@ def _check(cfg: dict[str, Any], dotted: str, ok, fix: str) -> None:
         raise ConfigError(f"config field `{dotted}` = {value!r} is invalid: {fix}")
 
 
-POSITIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "use a positive integer")
-POSITIVE = (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "use a number > 0")
-NON_NEGATIVE = (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0, "use a number >= 0")
-UNIT = (lambda v: isinstance(v, int | float) and 0 <= v <= 1, "use a number in [0, 1]")
-OPEN_UNIT = (lambda v: isinstance(v, int | float) and 0 < v < 1, "use a number strictly between 0 and 1")
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
-RULES: dict[str, tuple] = {
-    "rl.total_updates": POSITIVE_INT, "rl.batch_size": POSITIVE_INT, "rl.mini_batch_size": POSITIVE_INT,
-    "rl.ppo_epochs": POSITIVE_INT, "rl.learning_rate": POSITIVE, "rl.max_new_tokens": POSITIVE_INT,
-    "rl.temperature": POSITIVE, "rl.kl_coef": NON_NEGATIVE, "rl.target_kl": POSITIVE, "rl.kl_horizon": POSITIVE,
-    "rl.gamma": UNIT, "rl.lam": UNIT, "rl.cliprange": OPEN_UNIT, "rl.cliprange_value": POSITIVE,
-    "rl.vf_coef": NON_NEGATIVE, "rl.max_grad_norm": POSITIVE,
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+POSITIVE_INT = (lambda v: _integer(v) and v > 0, "use a positive integer")
+POSITIVE = (lambda v: _number(v) and v > 0, "use a number > 0")
+PATH = (lambda v: isinstance(v, str) and v.strip() != "", "set it to a .jsonl/.json/.parquet/.csv file, a "
+        "save_to_disk folder or a hub dataset id")
+
+#: Checked first: every other group reads them (`${seed}`, `${device}`).
+GLOBAL_RULES: dict[str, tuple] = {
+    "seed": (lambda v: _integer(v) and v >= 0, "use a non-negative integer, e.g. seed=0"),
+    "num_threads": (lambda v: v is None or (_integer(v) and v > 0),
+                    "use a positive integer, or null for torch's default"),
+    "device": (lambda v: v in {"auto", "cpu", "cuda"}, "use auto, cpu or cuda"),
+    "data.source": (lambda v: v in {"embedded", "files"}, "use `embedded` or `files`"),
+    "rl.algorithm": (lambda v: v in {"ppo", "rloo", "grpo"}, "choose an rl group: rl=ppo|rloo|grpo"),
+    "pipeline.feedback": (lambda v: v in {"human", "ai"}, "use human or ai"),
+    "pipeline.optimizer": (lambda v: v in {"rl", "dpo"}, "use rl or dpo"),
+    "model.name_or_path": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                           "give a hub id or a local checkpoint directory, or null to build `model.init`"),
 }
 RULES: dict[str, tuple] = {
     "rl.reward_batch_size": POSITIVE_INT,
-    "sft.args.learning_rate": POSITIVE, "sft.args.per_device_train_batch_size": POSITIVE_INT,
-    "reward.args.learning_rate": POSITIVE, "reward.args.per_device_train_batch_size": POSITIVE_INT,
     "reward.score_batch_size": POSITIVE_INT,
-    "eval.n_table_rows": (lambda v: isinstance(v, int) and v >= 0, "use an integer >= 0"),
+    "eval.n_table_rows": (lambda v: _integer(v) and v >= 0, "use an integer >= 0"),
 }
 EMBEDDED_RULES: dict[str, tuple] = {
     f"data.embedded.{k}": POSITIVE_INT
     for k in ("n_sft", "n_preference", "n_eval_preference", "n_prompts", "n_eval_prompts")
 } | {"data.embedded.annotator_temperature": POSITIVE}
+FILES_RULES: dict[str, tuple] = {
+    "data.sft.path": PATH,
+    "data.preference.path": PATH,
+    "data.max_samples": (lambda v: v is None or (_integer(v) and v > 0),
+                         "use a positive number of rows per split, or null for all rows"),
+    "data.eval_fraction": (lambda v: (isinstance(v, float) and 0 < v < 1) or (_integer(v) and v > 0),
+                           "use a fraction in (0, 1) or a row count >= 1"),
+}
+
+#: Sequences shorter than this leave no room for a prompt and an answer (TRL truncates silently).
+MIN_LENGTH = 16
+#: Checks of every TRL stage's `args` for values TRL and transformers accept silently; `ok(value, args)`.
+#: A key the node does not set keeps TRL's default and is not checked.
+TRAINER_RULES: dict[str, tuple] = {
+    "learning_rate": (lambda v, a: _number(v) and v > 0, "use a number > 0"),
+    "per_device_train_batch_size": (lambda v, a: _integer(v) and v >= 1, "use a positive integer"),
+    "gradient_accumulation_steps": (lambda v, a: _integer(v) and v >= 1, "use a positive integer"),
+    "num_train_epochs": (lambda v, a: (_number(v) and v > 0) or (_integer(a.get("max_steps")) and a["max_steps"] > 0),
+                         "use a number > 0, or set max_steps > 0 (0 epochs trains nothing)"),
+    "max_steps": (lambda v, a: _integer(v) and (v > 0 or v == -1),
+                  "use a positive number of steps, or -1 to train for num_train_epochs"),
+    "max_length": (lambda v, a: v is None or (_integer(v) and v >= MIN_LENGTH),
+                   f"use at least {MIN_LENGTH} tokens: the prompt and the answer must both fit"),
+    "max_completion_length": (lambda v, a: _integer(v) and v >= 1, "use a positive integer"),
+}
+STAGE_RULES: dict[str, dict[str, tuple]] = {
+    "dpo": {"beta": (lambda v, a: _number(v) and v > 0,
+                     "use a number > 0 (0 turns the KL to the reference off)")},
+    "rl": {"beta": (lambda v, a: _number(v) and v >= 0, "use a number >= 0 (0: no KL to the SFT model)"),
+           "num_generations": (lambda v, a: _integer(v) and v >= 2,
+                               "use at least 2 samples per prompt (advantages compare a prompt's samples)")},
+}
+
+
+def trainer_stages(cfg: dict[str, Any]) -> list[str]:
+    """The config nodes whose `args` this pipeline hands to a TRL trainer (sft, reward|dpo, rl for rloo/grpo)."""
+    if cfg["pipeline"]["optimizer"] == "dpo":
+        return ["sft", "dpo"]
+    return ["sft", "reward"] + (["rl"] if cfg["rl"]["algorithm"] in {"rloo", "grpo"} else [])
+
+
+def _check_trainer_args(cfg: dict[str, Any], stage: str) -> None:
+    args = cfg[stage].get("args")
+    if not isinstance(args, dict):
+        raise ConfigError(f"config field `{stage}.args` is missing: add the TRL config node (see conf/{stage}/)")
+    for key, (ok, fix) in (TRAINER_RULES | STAGE_RULES.get(stage, {})).items():
+        if key in args:
+            _check(cfg, f"{stage}.args.{key}", lambda v, ok=ok: ok(v, args), fix)
 
 
 def validate_config(cfg: dict[str, Any]) -> None:
-    """Check the composed config; raise ConfigError naming the first bad field and the fix."""
-    _check(cfg, "data.source", lambda v: v in {"embedded", "files"}, "use `embedded` or `files`")
-    _check(cfg, "rl.algorithm", lambda v: v in {"ppo", "rloo", "grpo"}, "choose an rl group: rl=ppo|rloo|grpo")
-    _check(cfg, "pipeline.feedback", lambda v: v in {"human", "ai"}, "use human or ai")
-    _check(cfg, "pipeline.optimizer", lambda v: v in {"rl", "dpo"}, "use rl or dpo")
-    _check(cfg, "device", lambda v: v in {"auto", "cpu", "cuda"}, "use auto, cpu or cuda")
-    rules = dict(RULES) | (EMBEDDED_RULES if cfg["data"]["source"] == "embedded" else {})
-    for dotted, (ok, fix) in rules.items():
+    """Check the composed config's values (no files, models or machine: see flows.preflight); raise ConfigError
+    naming the first bad field and the fix."""
+    for dotted, (ok, fix) in GLOBAL_RULES.items():
+        _check(cfg, dotted, ok, fix)
+    source = EMBEDDED_RULES if cfg["data"]["source"] == "embedded" else FILES_RULES
+    optional = [f"data.{k}.path" for k in ("preference_eval", "prompts") if cfg["data"].get(k) is not None]
+    for dotted, (ok, fix) in (RULES | source | dict.fromkeys(optional, PATH)).items():
         _check(cfg, dotted, ok, fix)
     if cfg["model"].get("name_or_path") is None and not cfg["model"].get("init"):
         raise ConfigError("config field `model.name_or_path` is null and `model.init` is empty: set one of them")
+    for stage in trainer_stages(cfg):
+        _check_trainer_args(cfg, stage)
     _settings("rl", PPOSettings, cfg["rl"]) if cfg["rl"]["algorithm"] == "ppo" else None
     _settings("eval", SamplingSettings, cfg["eval"])
     _settings("revision", SamplingSettings, cfg["revision"])

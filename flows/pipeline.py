@@ -16,11 +16,12 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.cache import read_done, stage_key
+from flows.cache import DamagedStage, DigestMemo, input_digest, read_done, stage_key
 from flows.config import compose_config, validate_config
+from flows.preflight import preflight
 from flows.progress import summary_table
 from flows.stages import STAGES, record_cached
-from flows.tracking import end_run, init_tracking, log_metrics, start_pipeline_run
+from flows.tracking import end_run, init_tracking, log_metrics, reconcile_dead_runs, start_pipeline_run
 
 log = logging.getLogger("alignflow")
 
@@ -32,22 +33,28 @@ class Pipeline:
         self.start = time.monotonic()  # the total includes MLflow set-up: it is orchestration overhead too
         self.cfg = cfg
         self.experiment_id = init_tracking(cfg["tracking"])
+        reconcile_dead_runs(self.experiment_id)  # runs left RUNNING by killed processes end KILLED
         tags = {"prefect.flow_run_id": str(flow_run.id or ""), "alignflow.root": cfg["paths"]["root_dir"]}
         self.run_id = start_pipeline_run(self.experiment_id, cfg, overrides, tags, parent_run_id)
         self.results: list[dict[str, Any]] = []
+        self.memo = DigestMemo(Path(cfg["paths"]["root_dir"]) / ".alignflow" / "input_digests.json")
 
     def run(self, name: str, **upstream: dict[str, Any]) -> dict[str, Any]:
         """Run (or reuse) the stage `name` of the registry on the results of its upstream stages."""
         stage = STAGES[name]
-        config = stage.config(self.cfg)
-        key = stage_key(name, config, {n: r["key"] for n, r in upstream.items()}, list(stage.modules))
+        config = {**stage.config(self.cfg), "seed": self.cfg["seed"]}
+        inputs = {source: input_digest(source, self.memo) for source in stage.inputs(self.cfg)}
+        produced = {n: r["manifest"]["digest"] for n, r in upstream.items()}  # what upstream made, not its name
+        key = stage_key(name, config, produced, list(stage.modules), inputs)
         stage_dir = Path(self.cfg["paths"]["artifact_dir"]) / name / key
+        verify = self.cfg["cache"]["verify"]
         spec = {"stage": name, "key": key, "dir": str(stage_dir), "config": config, "upstream": upstream,
-                "options": {"log_models": self.cfg["tracking"]["log_models"]}}
+                "seed": self.cfg["seed"], "options": {"log_models": self.cfg["tracking"]["log_models"],
+                                                      "verify": verify}}
         run = {"experiment_id": self.experiment_id, "parent_run_id": self.run_id}
         # A result Prefect cached earlier is only valid while its stage directory still holds the DONE marker.
         options = stage.task.with_options(result_storage=Path(self.cfg["paths"]["result_dir"]),
-                                    refresh_cache=read_done(stage_dir) is None)
+                                          refresh_cache=not _intact(stage_dir, verify))
         start = time.monotonic()
         state = options(spec, run, return_state=True)
         result = state.result()
@@ -75,6 +82,14 @@ class Pipeline:
         return {"mlflow_run_id": self.run_id, "seconds": total, "stages": self.results}
 
 
+def _intact(stage_dir: Path, verify: str) -> bool:
+    """True when the stage finished and its outputs still match its manifest (the task then reports why not)."""
+    try:
+        return read_done(stage_dir, verify) is not None
+    except DamagedStage:
+        return False
+
+
 @flow(name="alignflow")
 def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = None,
               config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -88,6 +103,7 @@ def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = No
     overrides = list(overrides or [])
     cfg = config or compose_config(overrides)
     validate_config(cfg)
+    preflight(cfg)  # machine, trainer args, judge, models, data files: before the MLflow run opens
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
     kind = cfg["pipeline"]

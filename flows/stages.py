@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from prefect import Task, task
 
 from flows import bodies
-from flows.cache import fresh_stage_dir, read_done, stage_lock, write_done
+from flows.cache import build_manifest, finished, fresh_stage_dir, stage_lock, write_done
 from flows.tracking import log_metrics, stage_run
 
 Body = Callable[[dict[str, Any], Path, str], dict[str, float]]
@@ -45,21 +45,29 @@ def execute(spec: dict[str, Any], run: dict[str, Any], body: Body) -> dict[str, 
 
 def _execute_locked(spec: dict[str, Any], run: dict[str, Any], body: Body) -> dict[str, Any]:
     stage_dir = Path(spec["dir"])
-    done = read_done(stage_dir)
+    done = finished(spec["stage"], stage_dir, spec["options"]["verify"])
     if done is not None:
         return record_cached(done, run)
     fresh_stage_dir(stage_dir)
     start = time.monotonic()
     with stage_run(run["experiment_id"], run["parent_run_id"], spec["stage"], spec["key"], cached=False) as rid:
+        seed_everything(spec["seed"])  # a stage rebuilt alone in a fresh process builds the same model
         metrics = {k: float(v) for k, v in body(spec, stage_dir, rid).items()}
         seconds = time.monotonic() - start
         metrics[f"{spec['stage']}/seconds"] = seconds
         already = MlflowClient().get_run(rid).data.metrics  # curves logged step by step stay as they are
         log_metrics(rid, {k: v for k, v in metrics.items() if k not in already})
         result = {"stage": spec["stage"], "key": spec["key"], "path": str(stage_dir), "metrics": metrics,
-                  "mlflow_run_id": rid, "seconds": seconds, "cached": False}
+                  "mlflow_run_id": rid, "seconds": seconds, "cached": False, "manifest": build_manifest(stage_dir)}
         write_done(stage_dir, result)
     return result
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices) before a stage builds anything: new heads, dropout, shuffles."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -75,6 +83,7 @@ class Stage:
     modules: tuple[str, ...]  # components modules whose source (and imports) enter the key
     config: Callable[[Config], Config]  # the config slice the key covers (e.g. `rl.*` touches only RL and eval)
     headline: tuple[str, ...] = ()  # metrics shown in the summary table
+    inputs: Callable[[Config], list[str]] = lambda cfg: []  # outside files / hub ids it reads: keyed by content
     task: Task = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,17 +115,41 @@ def _with_gold(*keys: str) -> Callable[[Config], Config]:
     return lambda cfg: {**_on_device(*keys)(cfg), "gold": cfg["data"]["gold"]}
 
 
+def _data_files(cfg: Config) -> list[str]:
+    data = cfg["data"]
+    if data["source"] != "files":
+        return []
+    nodes = [data.get(split) for split in ("sft", "preference", "preference_eval", "prompts")]
+    return [node["path"] for node in nodes if isinstance(node, dict) and node.get("path")]
+
+
+def _given(*dotted: str) -> Callable[[Config], list[str]]:
+    """The values at `dotted` config paths that are set (model paths, hub ids)."""
+    def pick(cfg: Config) -> list[str]:
+        found = []
+        for path in dotted:
+            node: Any = cfg
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, str) and node:
+                found.append(node)
+        return found
+    return pick
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("data", bodies.prepare_data, ("components.review_task", "components.data"), lambda cfg: cfg["data"],
-          ("data/bayes_ceiling", "data/n_sft", "data/n_preference")),
-    Stage("sft", bodies.train_sft, ("components.sft", "components.modeling"), _sft_config, ("sft/train_loss",)),
+          ("data/bayes_ceiling", "data/n_sft", "data/n_preference"), _data_files),
+    Stage("sft", bodies.train_sft, ("components.sft", "components.modeling"), _sft_config, ("sft/train_loss",),
+          _given("model.name_or_path")),
     Stage("revise", bodies.revise_demonstrations, ("components.revision",), _on_device("revision"),
-          ("revise/changed_rate",)),
+          ("revise/changed_rate",), _given("revision.model_name_or_path")),
     Stage("sft_cai", bodies.train_sft, ("components.sft",), _sft_config, ("sft/train_loss",)),
     Stage("label", bodies.label_preferences, ("components.labeling", "components.judges"),
-          _with_gold("label", "judge"), ("label/agreement_with_gold", "label/tie_rate")),
+          _with_gold("label", "judge"), ("label/agreement_with_gold", "label/tie_rate"),
+          _given("judge.settings.model", "judge.settings.path", "judge.settings.encoder")),
     Stage("reward", bodies.train_reward_model, ("components.reward",), _on_device("reward"),
-          ("reward/eval_accuracy", "reward/bayes_ceiling")),
+          ("reward/eval_accuracy", "reward/bayes_ceiling"), _given("reward.model_name_or_path")),
     Stage("ppo", bodies.train_ppo, ("components.ppo",), _on_device("rl"), ("ppo/mean_reward", "ppo/kl")),
     Stage("rloo", bodies.train_rloo, ("components.trl_rl",), _on_device("rl"), ("rloo/mean_reward", "rloo/kl")),
     Stage("grpo", bodies.train_grpo, ("components.trl_rl",), _on_device("rl"), ("grpo/mean_reward", "grpo/kl")),

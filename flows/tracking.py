@@ -6,7 +6,11 @@ run" across Prefect tasks; a stage body activates only its own child run (for `l
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -21,20 +25,105 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+log = logging.getLogger("alignflow")
 STACK = ["alignflow", "torch", "transformers", "trl", "datasets", "prefect", "hydra-core", "mlflow", "pandas"]
 
 
 def init_tracking(tracking: dict[str, Any]) -> str:
-    """Point MLflow at the configured store and return the experiment id (created with an explicit location)."""
+    """Point MLflow at the configured store and return the experiment id (created with an explicit location).
+
+    A new sqlite store is created (schema migrations) and the experiment looked up under a file lock beside the
+    database: processes starting together on a fresh root would otherwise race in MLflow's schema set-up.
+    """
     Path(tracking["artifact_root"]).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking["tracking_uri"])
+    with _store_lock(tracking["tracking_uri"]):
+        client = MlflowClient()
+        name = tracking["experiment_name"]
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = (Path(tracking["artifact_root"]) / name).as_uri()
+        return client.create_experiment(name, artifact_location=location)
+
+
+@contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """An exclusive lock beside a sqlite store (other stores handle concurrent writers themselves)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _process_start(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, from /proc), or '' where that cannot be read; with the
+    pid it tells a live owner from a new process that reused the number."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_tags() -> dict[str, str]:
+    """Who writes a run: host, pid and the pid's start time, so a later process can tell whether it is alive."""
+    pid = os.getpid()
+    return {"alignflow.host": socket.gethostname(), "alignflow.pid": str(pid),
+            "alignflow.pid_start": _process_start(pid)}
+
+
+def _owner_alive(tags: dict[str, str]) -> bool:
+    pid = int(tags.get("alignflow.pid", "0") or 0)
+    if pid <= 0:
+        return True  # not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _process_start(pid) == tags.get("alignflow.pid_start", "")
+
+
+def reconcile_dead_runs(experiment_id: str) -> list[str]:
+    """Mark RUNNING runs whose writing process on this host is gone as KILLED (and their Prefect flow runs as
+    crashed); returns their ids. Runs of other hosts are left alone: nothing here can see their processes."""
     client = MlflowClient()
-    name = tracking["experiment_name"]
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (Path(tracking["artifact_root"]) / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    host = socket.gethostname()
+    dead = [r for r in client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                          f"tags.`alignflow.host` = '{host}'", max_results=1000)
+            if not _owner_alive(r.data.tags)]
+    for run in dead:
+        reason = f"process {run.data.tags.get('alignflow.pid')} on {host} ended without closing this run"
+        client.set_tag(run.info.run_id, "alignflow.end_reason", reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        flow_run_id = run.data.tags.get("prefect.flow_run_id")
+        if flow_run_id:
+            _crash_flow_run(flow_run_id, reason)
+    if dead:
+        log.warning("marked %d run(s) of dead processes KILLED", len(dead))
+    return [r.info.run_id for r in dead]
+
+
+def _crash_flow_run(flow_run_id: str, reason: str) -> None:
+    """Set a Prefect flow run that is still running to Crashed (best effort: its server may be another one)."""
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and not state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
+    except Exception as err:  # noqa: BLE001 - the run may live in another Prefect database
+        log.debug("could not mark Prefect flow run %s crashed: %s", flow_run_id, err)
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -79,7 +168,7 @@ def start_pipeline_run(experiment_id: str, cfg: dict[str, Any], overrides: list[
     """Create the pipeline's parent run with params, composed YAML, git commit and package versions."""
     client = MlflowClient()
     all_tags = {"alignflow.pipeline": cfg["pipeline"]["name"], "alignflow.overrides": json.dumps(overrides),
-                "mlflow.source.git.commit": git_commit(), **tags}
+                "mlflow.source.git.commit": git_commit(), **owner_tags(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run_name = f"{cfg['pipeline']['name']} " + " ".join(overrides) if overrides else cfg["pipeline"]["name"]
@@ -108,7 +197,8 @@ def get_or_create_sweep_run(experiment_id: str, sweep_id: str, overrides: list[s
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=f"sweep {Path(sweep_id).name}",
-                            tags={"alignflow.sweep": sweep_id, "alignflow.overrides": json.dumps(overrides)})
+                            tags={"alignflow.sweep": sweep_id, "alignflow.overrides": json.dumps(overrides),
+                                  **owner_tags()})
     return run.info.run_id
 
 
@@ -117,7 +207,7 @@ def stage_run(experiment_id: str, parent_run_id: str, stage: str, key: str, cach
               source_run_id: str | None = None) -> Iterator[str]:
     """A child run for one stage, active (fluent API) inside the block; FAILED if the block raises."""
     tags = {"mlflow.parentRunId": parent_run_id, "alignflow.stage": stage, "alignflow.key": key,
-            "alignflow.cached": str(cached).lower()}
+            "alignflow.cached": str(cached).lower(), **owner_tags()}
     if source_run_id:
         tags["alignflow.source_run"] = source_run_id
     run = MlflowClient().create_run(experiment_id, run_name=stage, tags=tags)

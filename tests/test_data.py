@@ -89,8 +89,37 @@ def test_load_table_missing_or_unsupported_path(tmp_path: Path) -> None:
     with pytest.raises(D.DatasetValidationError, match="unsupported file type '.xlsx'"):
         D.load_table(str(tmp_path / "pairs.xlsx"))
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "chosen": \n')
-    with pytest.raises(D.DatasetValidationError, match="broken.jsonl: could not be read as json"):
+    with pytest.raises(D.DatasetValidationError, match="broken.jsonl: line 1 is not valid JSON"):
         D.load_table(str(tmp_path / "broken.jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", b"", r"the file is empty \(0 bytes\)"),
+        ("blank.jsonl", b"\n \n", "the file is empty"),
+        ("cut.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"te', r"line 3 is not valid JSON \(Unterminated string"),
+        ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2: expected one JSON object per line, got list"),
+        ("cut.json", b'[{"text": "a"},\n {"text": "b"', "line 2 is not valid JSON"),
+        ("latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"line 2 is not UTF-8 \(byte 0xe9 at column 14\)"),
+        ("latin1.csv", b"text\ncaf\xe9\n", "line 2 is not UTF-8"),
+        ("bad.parquet", b"PAR1 not really", "not a readable Parquet file"),
+    ],
+)
+def test_unreadable_files_name_the_line(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    """Empty, truncated and non-UTF-8 files fail naming the file and the line, not with a datasets traceback."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(D.DatasetValidationError, match=message) as info:
+        D.load_table(str(tmp_path / name))
+    assert str(info.value).startswith(str(tmp_path / name)) and "\n" not in str(info.value)
+
+
+def test_json_document_and_bom_files_load(tmp_path: Path) -> None:
+    (tmp_path / "rows.json").write_text(json.dumps(PAIRS, indent=2))
+    assert D.load_table(str(tmp_path / "rows.json")).to_list() == PAIRS
+    body = "".join(json.dumps(row) + "\n" for row in PAIRS).encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body)  # a UTF-8 byte-order mark is still UTF-8
+    assert D.load_table(str(tmp_path / "bom.jsonl")).to_list() == PAIRS
 
 
 # -------------------------------------------------------------------------------------- detection & errors
@@ -192,16 +221,27 @@ def test_implicit_conversational_prompt_is_common_leading_messages(tmp_path: Pat
     assert prompts.column_names == ["prompt"] and prompts[1]["prompt"] == out[1]["prompt"]
 
 
-def test_implicit_string_prompt_splits_at_a_word_boundary() -> None:
-    hh = "\n\nHuman: Sky?\n\nAssistant: It is"
+def test_implicit_string_prompt_splits_at_the_last_turn_marker() -> None:
+    """HH-style transcripts: the prompt ends with the last shared "\\n\\nAssistant:", even when both answers start
+    alike ("I think …"); texts without a marker split at the common prefix's last word boundary."""
+    hh = "\n\nHuman: Sky?\n\nAssistant:"
     rows = [
-        {"chosen": f"{hh} blue.", "rejected": f"{hh} black."},
+        {"chosen": f"{hh} I think it is blue.", "rejected": f"{hh} I think it is black."},
         {"chosen": "Review of the lamp: good", "rejected": "Review of the lamp: good good good"},
     ]
     out = D.to_preference_records(rows, "hh")
-    assert out[0] == {"prompt": hh, "chosen": " blue.", "rejected": " black."}
+    assert out[0] == {"prompt": hh, "chosen": " I think it is blue.", "rejected": " I think it is black."}
     assert out[1] == {"prompt": "Review of the lamp:", "chosen": " good", "rejected": " good good good"}
     assert D.extract_shared_prompt("a b c", "a b d") == ("a b", " c", " d")
+    turns = f"{hh} Blue.\n\nHuman: Sure?\n\nAssistant:"
+    assert D.extract_shared_prompt(f"{turns} I think so.", f"{turns} I think not.") == (
+        turns, " I think so.", " I think not.")
+
+
+def test_conversations_split_at_the_last_shared_message() -> None:
+    chosen = _conv(("user", "Hi"), ("assistant", "Hello"), ("user", "Sky?"), ("assistant", "I think blue."))
+    rejected = [*chosen[:3], {"role": "assistant", "content": "I think black."}]
+    assert D.extract_shared_prompt(chosen, rejected) == (chosen[:3], chosen[3:], rejected[3:])
 
 
 def test_string_prompt_with_conversational_answers_is_implicit() -> None:
@@ -257,6 +297,20 @@ def test_train_eval_split_is_deterministic_and_disjoint() -> None:
     assert D.sample_rows(rows, 20, seed=0) == rows and len(D.sample_rows(rows, 4, seed=0)) == 4
 
 
+def test_load_file_splits_errors_name_the_config_field(tmp_path: Path) -> None:
+    node = {"name": None, "split": None}
+    good = _jsonl(tmp_path / "pref.jsonl", PAIRS)
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = {"sft": {**node, "path": str(tmp_path / "empty.jsonl")}, "preference": {**node, "path": good},
+           "preference_eval": None, "prompts": None, "eval_fraction": 0.05, "max_samples": None, "seed": 0}
+    with pytest.raises(D.DatasetValidationError, match=r"^`data.sft`: .*empty.jsonl: the file is empty"):
+        D.load_file_splits(cfg)
+    one = _jsonl(tmp_path / "one.jsonl", PAIRS[:1])
+    cfg = {**cfg, "sft": {**node, "path": good}, "preference": {**node, "path": one}}
+    with pytest.raises(D.DatasetValidationError, match=r"^`data.preference`: .*one.jsonl: 1 row\(s\) cannot be split"):
+        D.load_file_splits(cfg)
+
+
 def test_load_file_splits(tmp_path: Path) -> None:
     node = {"name": None, "split": None}
     sft = _jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Q{i}:", "completion": f" a{i}"} for i in range(20)])
@@ -276,3 +330,25 @@ def test_load_file_splits(tmp_path: Path) -> None:
     cfg = {**cfg, "prompts": {**node, "path": prompts}, "preference_eval": cfg["preference"]}
     splits = D.load_file_splits(cfg)
     assert (len(splits["preference_eval"]), len(splits["prompts"]), len(splits["eval_prompts"])) == (30, 9, 3)
+
+
+# ----------------------------------------------------------------------------------- conversational on embedded
+def test_embedded_tokenizer_has_a_chat_template_for_conversational_data() -> None:
+    """The embedded tokenizer renders message lists offline: `role: content</s>` per message, `assistant:` as the
+    generation prompt, the rendered prompt a token prefix of the whole conversation (TRL's completion mask needs
+    it), and assistant tokens marked for `assistant_only_loss`."""
+    from components.modeling import train_tokenizer
+    from components.review_task import corpus
+
+    splits = build_embedded_splits(30, 10, 5, 5, 5, 0.2, seed=0)
+    tokenizer = train_tokenizer(corpus(splits), 256)
+    chat = _conv(("system", "Be brief."), ("user", "Review of the kettle:"), ("assistant", "a good kettle."))
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert text == "system: Be brief.</s>user: Review of the kettle:</s>assistant: a good kettle.</s>"
+    prompt = tokenizer.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == "system: Be brief.</s>user: Review of the kettle:</s>assistant:" and text.startswith(prompt)
+    full = tokenizer.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
+    head = tokenizer.apply_chat_template(chat[:2], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert full["input_ids"][: len(head)] == head
+    masked = [t for t, m in zip(full["input_ids"], full["assistant_masks"], strict=True) if m]
+    assert tokenizer.decode(masked).strip() == "a good kettle.</s>"

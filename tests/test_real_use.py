@@ -69,10 +69,8 @@ def test_malformed_dataset_fails_before_training(prefect_harness, store, user_fi
             for a in overrides(user_files)]
     with pytest.raises(DatasetValidationError, match="rejected"):
         alignflow(overrides=args)
-    assert not (store / "artifacts" / "sft").exists()
-    client = MlflowClient(f"sqlite:///{store}/mlruns/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("alignflow").experiment_id])
-    assert {r.info.status for r in runs} == {"FAILED"}
+    assert not (store / "artifacts").exists()
+    assert not (store / "mlruns").exists()  # stopped at the door: no run was opened, none is left RUNNING
 
 
 CHAT_TEMPLATE = (

@@ -15,6 +15,9 @@ PRINCIPLES = [{"name": "helpful", "description": "Describe the product in detail
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """A 1-layer GPT-2 on the review task's corpus, not the shared `tiny_checkpoint`: the prompts and critique
+    requests use task words and capitals (`Review of the mug:`, `Revision:`) that the synthetic vocabulary
+    lacks, and fit_context must decode them back intact."""
     splits = build_embedded_splits(100, 20, 10, 20, 10, 0.2, seed=0)
     path = tmp_path_factory.mktemp("tiny") / "model"
     arch = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}
@@ -30,8 +33,11 @@ def test_fit_context_keeps_the_end_of_long_requests(tiny):
     assert fit_context(tok, ["short"], 20) == ["short"]
 
 
-def test_as_chat_leaves_plain_models_alone(tiny):
-    assert as_chat(load_tokenizer(tiny), "hello") == "hello"
+def test_as_chat_uses_the_template_and_leaves_plain_models_alone(tiny):
+    tokenizer = load_tokenizer(tiny)
+    assert as_chat(tokenizer, "hello") == "user: hello</s>assistant:"  # the embedded tokenizer has a template
+    tokenizer.chat_template = None
+    assert as_chat(tokenizer, "hello") == "hello"
 
 
 def test_one_round_per_principle_with_history(tiny):
