@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all lint bench clean
+.PHONY: setup run test test-crash test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,11 @@ run: setup
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+test-crash: setup
+	$(BIN)/pytest -q -m crash $(PYTEST_ARGS)
+
 test-all: setup
-	$(BIN)/pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "slow or crash or not (slow or crash)" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -6,11 +6,16 @@ invalidation and recovery from a deleted stage directory. CI runs this whole pip
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import alignflow
@@ -93,4 +98,63 @@ def test_deleted_stage_directory_is_rebuilt(first_run):
     cached = {s["stage"]: s["cached"] for s in rerun["stages"]}
     assert cached["reward"] is False and cached["sft"] is True
     assert (reward_dir / "DONE").is_file()
-    assert cached["ppo"] is True  # same key: its own outputs are intact
+    assert manifest_of(rerun, "reward") == manifest_of(first, "reward")  # seeded: rebuilt byte for byte
+    assert cached["ppo"] is True  # the same reward model, so the same PPO key: its outputs are reused
+
+
+def manifest_of(summary: dict, stage: str) -> dict:
+    return next(s["manifest"] for s in summary["stages"] if s["stage"] == stage)
+
+
+def stage_dir_of(summary: dict, stage: str) -> Path:
+    return Path(next(s["path"] for s in summary["stages"] if s["stage"] == stage))
+
+
+def test_damaged_outputs_and_markers_are_rebuilt_not_trusted(first_run, caplog):
+    root, first, _ = first_run
+    weights = stage_dir_of(first, "reward") / "model" / "model.safetensors"
+    weights.write_bytes(b"")  # truncated: reuse used to report "cached" and crash later in PPO
+    (stage_dir_of(first, "data") / "DONE").write_text('{"truncated')  # an unreadable marker
+    rerun = alignflow(overrides=SMOKE)
+    cached = {s["stage"]: s["cached"] for s in rerun["stages"]}
+    assert cached == {"data": False, "sft": True, "reward": False, "ppo": True, "eval": True}
+    assert "[reward] stored result is damaged" in caplog.text and "model.safetensors has 0 bytes" in caplog.text
+    assert "[data] stored result is damaged" in caplog.text and "DONE is unreadable" in caplog.text
+    assert manifest_of(rerun, "reward") == manifest_of(first, "reward")
+
+
+def test_a_stage_rebuilt_alone_in_a_fresh_process_is_identical(first_run):
+    """The reward model's scalar head used to be drawn before anything seeded the process."""
+    root, first, _ = first_run
+    shutil.rmtree(stage_dir_of(first, "reward"))
+    env = {**os.environ, "ALIGNFLOW_ROOT": str(root), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    for name in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "HF_DATASETS_CACHE"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *SMOKE], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rebuilt = json.loads((stage_dir_of(first, "reward") / "DONE").read_text())
+    assert rebuilt["mlflow_run_id"] != next(s["mlflow_run_id"] for s in first["stages"] if s["stage"] == "reward")
+    assert rebuilt["manifest"] == manifest_of(first, "reward")
+    ours = {k: v for k, v in rebuilt["metrics"].items() if not k.endswith("seconds")}
+    theirs = {k: v for k, v in metrics_of(first).items() if k.startswith("reward/") and not k.endswith("seconds")}
+    assert ours == theirs
+
+
+def test_an_upstream_stage_rebuilt_differently_reruns_what_depends_on_it(first_run, monkeypatch):
+    root, first, _ = first_run
+    reward_dir = stage_dir_of(first, "reward")
+    shutil.rmtree(reward_dir)
+    from transformers import set_seed
+
+    import components.reward
+
+    monkeypatch.setattr(components.reward, "set_seed", lambda seed: set_seed(seed + 1))  # another scalar head
+    try:
+        rerun = alignflow(overrides=SMOKE)
+        cached = {s["stage"]: s["cached"] for s in rerun["stages"]}
+        assert cached == {"data": True, "sft": True, "reward": False, "ppo": False, "eval": False}
+        assert manifest_of(rerun, "reward")["digest"] != manifest_of(first, "reward")["digest"]
+        assert stage_dir_of(rerun, "ppo") != stage_dir_of(first, "ppo")  # a new key: trained on the new model
+    finally:
+        shutil.rmtree(reward_dir)  # later tests rebuild the original reward model (and reuse its PPO)

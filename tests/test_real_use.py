@@ -60,6 +60,20 @@ def test_local_model_and_files_run_the_whole_pipeline(prefect_harness, store, us
     names = {d.dataset.name for d in data_run.inputs.dataset_inputs}
     assert {"files/sft", "files/preference", "files/preference_eval"} <= names
 
+    # The cache follows the file's bytes, not its name: the same pairs file edited in place (chosen and
+    # rejected swapped on every row, same path, same row count) rebuilds data and everything after it.
+    pairs = pd.read_parquet(user_files["preference"])
+    swapped = pairs.rename(columns={"chosen": "rejected", "rejected": "chosen"})[pairs.columns]
+    swapped.to_parquet(user_files["preference"])
+    try:
+        again = alignflow(overrides=overrides(user_files))
+    finally:
+        pairs.to_parquet(user_files["preference"])  # later tests use the original file
+    assert not any(s["cached"] for s in again["stages"])
+    data_dir = Path(next(s["path"] for s in again["stages"] if s["stage"] == "data"))
+    first = pd.read_json(data_dir / "preference.jsonl", lines=True)
+    assert set(first["chosen"]) <= set(swapped["chosen"])  # the edited content, not the old one
+
 
 def test_malformed_dataset_fails_before_training(prefect_harness, store, user_files, tmp_path):
     bad = tmp_path / "bad.jsonl"
