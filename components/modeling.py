@@ -94,9 +94,16 @@ def build_base_checkpoint(
     return str(out_dir)
 
 
+#: Loading options transformers records in a tokenizer and writes back on save (e.g. `local_files_only` follows
+#: HF_HUB_OFFLINE), which would make the same tokenizer's saved bytes depend on the environment.
+LOAD_ONLY_KWARGS = ("local_files_only", "cache_dir", "force_download", "token", "proxies")
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad (left, for generation) without reusing EOS where avoidable."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    for name in LOAD_ONLY_KWARGS:  # how it was loaded is not part of it: a saved copy must not depend on that
+        tokenizer.init_kwargs.pop(name, None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # hub models such as GPT-2 ship without a pad token
     tokenizer.padding_side = "left"

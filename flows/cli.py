@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> float | None:
         parent = get_or_create_sweep_run(init_tracking(config["tracking"]), hc.sweep.dir, overrides)
     try:
         summary = alignflow(overrides=overrides, parent_run_id=parent, config=config)
-    except (ConfigError, DatasetValidationError, JudgeError) as err:  # expected failures: no traceback needed
+    except (ConfigError, DatasetValidationError, JudgeError, OSError) as err:  # expected: no traceback needed
         fail(err)
     metrics = {k: v for stage in summary["stages"] for k, v in stage["metrics"].items()}
     return metrics.get("eval/win_rate_vs_sft")

@@ -91,6 +91,7 @@ GLOBAL_RULES: dict[str, tuple] = {
     "rl.algorithm": (lambda v: v in {"ppo", "rloo", "grpo"}, "choose an rl group: rl=ppo|rloo|grpo"),
     "pipeline.feedback": (lambda v: v in {"human", "ai"}, "use human or ai"),
     "pipeline.optimizer": (lambda v: v in {"rl", "dpo"}, "use rl or dpo"),
+    "cache.verify": (lambda v: v in {"sizes", "hashes", "none"}, "use sizes, hashes or none"),
     "model.name_or_path": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
                            "give a hub id or a local checkpoint directory, or null to build `model.init`"),
 }
@@ -166,9 +167,11 @@ def validate_config(cfg: dict[str, Any]) -> None:
         raise ConfigError("config field `model.name_or_path` is null and `model.init` is empty: set one of them")
     for stage in trainer_stages(cfg):
         _check_trainer_args(cfg, stage)
-    _settings("rl", PPOSettings, cfg["rl"]) if cfg["rl"]["algorithm"] == "ppo" else None
+    if cfg["rl"]["algorithm"] == "ppo" and cfg["pipeline"]["optimizer"] == "rl":
+        _settings("rl", PPOSettings, cfg["rl"])
     _settings("eval", SamplingSettings, cfg["eval"])
     _settings("revision", SamplingSettings, cfg["revision"])
+    _settings("label.sampling", SamplingSettings, cfg["label"]["sampling"])
 
 
 def _settings(group: str, cls: type, node: dict[str, Any]) -> Any:

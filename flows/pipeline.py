@@ -124,6 +124,9 @@ def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = No
             scored = {"reward": reward, "policy": pipe.run(cfg["rl"]["algorithm"], **feedback, reward=reward)}
         pipe.run("eval", data=data, sft=sft, **scored)
     except BaseException:
-        pipe.finish(ok=False)
+        try:
+            pipe.finish(ok=False)
+        except Exception as err:  # e.g. a full disk: the store cannot be written; the next start closes the run
+            log.warning("could not close the MLflow run %s: %s", pipe.run_id, err)
         raise
     return pipe.finish(ok=True)

@@ -12,6 +12,8 @@ unfinished one is wiped and rebuilt.
 
 from __future__ import annotations
 
+import errno
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from flows.cache import build_manifest, finished, fresh_stage_dir, stage_lock, w
 from flows.tracking import log_metrics, stage_run
 
 Body = Callable[[dict[str, Any], Path, str], dict[str, float]]
+log = logging.getLogger("alignflow")
 Config = dict[str, Any]
 
 
@@ -52,7 +55,11 @@ def _execute_locked(spec: dict[str, Any], run: dict[str, Any], body: Body) -> di
     start = time.monotonic()
     with stage_run(run["experiment_id"], run["parent_run_id"], spec["stage"], spec["key"], cached=False) as rid:
         seed_everything(spec["seed"])  # a stage rebuilt alone in a fresh process builds the same model
-        metrics = {k: float(v) for k, v in body(spec, stage_dir, rid).items()}
+        try:
+            metrics = {k: float(v) for k, v in body(spec, stage_dir, rid).items()}
+        except Exception as err:
+            log.error("[%s] failed: %s", spec["stage"], cause(err, stage_dir))  # one line, before any traceback
+            raise
         seconds = time.monotonic() - start
         metrics[f"{spec['stage']}/seconds"] = seconds
         already = MlflowClient().get_run(rid).data.metrics  # curves logged step by step stay as they are
@@ -61,6 +68,17 @@ def _execute_locked(spec: dict[str, Any], run: dict[str, Any], body: Body) -> di
                   "mlflow_run_id": rid, "seconds": seconds, "cached": False, "manifest": build_manifest(stage_dir)}
         write_done(stage_dir, result)
     return result
+
+
+def cause(err: BaseException, stage_dir: Path) -> str:
+    """An error as one line, with what to do about a full disk or another I/O error."""
+    text = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"{text} — the disk holding {stage_dir.parent.parent} is full: free space and rerun (finished " \
+               "stages are kept)"
+    if isinstance(err, OSError):
+        return f"{text} — an I/O error: check the path and its disk, then rerun (finished stages are kept)"
+    return text
 
 
 def seed_everything(seed: int) -> None:

@@ -210,9 +210,18 @@ def stage_run(experiment_id: str, parent_run_id: str, stage: str, key: str, cach
             "alignflow.cached": str(cached).lower(), **owner_tags()}
     if source_run_id:
         tags["alignflow.source_run"] = source_run_id
-    run = MlflowClient().create_run(experiment_id, run_name=stage, tags=tags)
-    with mlflow.start_run(run_id=run.info.run_id):
-        yield run.info.run_id
+    run_id = MlflowClient().create_run(experiment_id, run_name=stage, tags=tags).info.run_id
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield run_id
+    except BaseException as err:
+        try:
+            mlflow.set_tag("alignflow.end_reason", f"{type(err).__name__}: {' '.join(str(err).split())}"[:5000])
+            mlflow.end_run("FAILED")
+        except Exception as store_err:  # the store itself failed (full disk): the next start closes the run
+            log.warning("could not close the MLflow run %s: %s", run_id, store_err)
+        raise
+    mlflow.end_run()
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:

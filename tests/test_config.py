@@ -108,6 +108,9 @@ def test_real_model_and_data_configs_compose():
     [
         ("rl.cliprange=1.5", "rl.cliprange"),
         ("rl.kl_coef=-0.1", "rl.kl_coef"),
+        ("cache.verify=all", "cache.verify"),
+        ("label.sampling.temperature=0", "label.sampling.temperature"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens"),
         ("rl.mini_batch_size=7", "rl.mini_batch_size"),
         ("rl.total_updates=0", "rl.total_updates"),
         ("sft.args.learning_rate=0", "sft.args.learning_rate"),

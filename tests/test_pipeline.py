@@ -135,7 +135,8 @@ def test_a_stage_rebuilt_alone_in_a_fresh_process_is_identical(first_run):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rebuilt = json.loads((stage_dir_of(first, "reward") / "DONE").read_text())
     assert rebuilt["mlflow_run_id"] != next(s["mlflow_run_id"] for s in first["stages"] if s["stage"] == "reward")
-    assert rebuilt["manifest"] == manifest_of(first, "reward")
+    before = manifest_of(first, "reward")["files"]
+    assert {f for f in before if rebuilt["manifest"]["files"].get(f) != before[f]} == set()
     ours = {k: v for k, v in rebuilt["metrics"].items() if not k.endswith("seconds")}
     theirs = {k: v for k, v in metrics_of(first).items() if k.startswith("reward/") and not k.endswith("seconds")}
     assert ours == theirs
@@ -158,3 +159,29 @@ def test_an_upstream_stage_rebuilt_differently_reruns_what_depends_on_it(first_r
         assert stage_dir_of(rerun, "ppo") != stage_dir_of(first, "ppo")  # a new key: trained on the new model
     finally:
         shutil.rmtree(reward_dir)  # later tests rebuild the original reward model (and reuse its PPO)
+
+
+def test_a_full_disk_ends_runs_failed_with_a_one_line_cause_first(first_run, monkeypatch, caplog):
+    import errno
+
+    import components.ppo
+
+    root, first, _ = first_run
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(root / "artifacts" / "ppo" / "x"))
+
+    monkeypatch.setattr(components.ppo, "train_ppo", full_disk)
+    with pytest.raises(OSError):
+        alignflow(overrides=[*SMOKE, "rl.kl_coef=0.25"])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors[0].startswith("[ppo] failed: OSError: [Errno 28] No space left on device")
+    assert "is full: free space and rerun" in errors[0] and "\n" not in errors[0]
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("alignflow").experiment_id
+    assert not client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
+    failed = client.search_runs([experiment], filter_string="attributes.status = 'FAILED'",
+                                order_by=["start_time DESC"], max_results=2)
+    assert {r.data.tags.get("alignflow.stage", "pipeline") for r in failed} == {"ppo", "pipeline"}
+    assert "No space left" in next(r for r in failed if "alignflow.stage" in r.data.tags).data.tags[
+        "alignflow.end_reason"]
