@@ -6,6 +6,7 @@ Hugging Face datasets cache go under ALIGNFLOW_ROOT with everything else alignfl
 moved, backed up or deleted as a unit.
 """
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -18,10 +19,18 @@ os.environ.setdefault("HF_DATASETS_CACHE", str(_STATE / "hf_datasets"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry caused "database is locked"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 2 processes need > 20 s
 os.environ.setdefault("PREFECT_LOGGING_LOGGERS_HTTPX_LEVEL", "WARNING")
+# alignflow's log lines (progress, summary) also go to the Prefect run's logs: Prefect attaches its API handler
+# (not a console handler: the terminal prints each line once) to these loggers; outside a run it drops them quietly.
+_extra = [n for n in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if n.strip()]
+os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(dict.fromkeys([*_extra, "alignflow"]))
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+if logging.getLogger("alignflow").level == logging.NOTSET:  # a served run has no Hydra to set INFO on the root
+    logging.getLogger("alignflow").setLevel(logging.INFO)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # alignflow prints its own progress per stage
+os.environ.setdefault("TQDM_DISABLE", "1")  # trainers' own bars (e.g. DPO's "Computing reference log probs")
 warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator.*")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. the expected "score.weight MISSING" load report

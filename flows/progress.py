@@ -1,8 +1,13 @@
-"""Terminal progress for long stages (step/total, ETA, key metric) and the end-of-run summary table."""
+"""Terminal progress for long stages (step/total, ETA, key metric) and the end-of-run summary table.
+
+In a terminal each stage gets a live progress bar (rich); elsewhere (CI, a log file, Prefect's logs) the same
+numbers arrive as a plain log line every few seconds and one at the end.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -21,6 +26,7 @@ class StageLogger:
         self.every_s = every_s
         self.start = time.monotonic()
         self.last_print = 0.0
+        self.bar = LiveBar(stage) if sys.stderr.isatty() else None
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         total = int(metrics.pop(f"{self.stage}/total_steps", 0) or self.total or 0)
@@ -28,15 +34,46 @@ class StageLogger:
         step += self.offset
         now = time.monotonic()
         done = step >= total > 0
+        value = metrics.get(self.key_metric)
+        if self.bar is not None:
+            self.bar.update(step, total, f"{self.key_metric}={value:.4f}" if value is not None else "", done)
+            return
         if now - self.last_print < self.every_s and not done:
             return
         self.last_print = now
         elapsed = now - self.start
         eta = f"eta {elapsed / step * (total - step):5.0f}s" if step and total else ""
-        value = metrics.get(self.key_metric)
         shown = f"{self.key_metric}={value:.4f}" if value is not None else ""
         of_total = f"/{total} ({100 * step / total:3.0f}%)" if total else ""
         log.info("[%s] step %d%s %s %s elapsed %.0fs", self.stage, step, of_total, shown, eta, elapsed)
+
+
+class LiveBar:
+    """A rich progress bar for one stage: steps, percentage, elapsed, ETA and the key metric, redrawn in place."""
+
+    def __init__(self, stage: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), TaskProgressColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[shown]}"), transient=False)
+        self.task = self.progress.add_task(stage, total=None, shown="")
+        self.started = False
+
+    def update(self, step: int, total: int, shown: str, done: bool) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        self.progress.update(self.task, completed=step, total=total or None, shown=shown)
+        if done:
+            self.progress.stop()
 
 
 def summary_table(results: list[dict[str, Any]], headline: dict[str, list[str]]) -> str:
