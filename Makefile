@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-crash test-all lint bench clean
+.PHONY: setup browser-deps run test test-crash test-server test-browser test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,19 @@ test: setup
 test-crash: setup
 	$(BIN)/pytest -q -m crash $(PYTEST_ARGS)
 
-test-all: setup
-	$(BIN)/pytest -q -m "slow or crash or not (slow or crash)" $(PYTEST_ARGS)
+test-server: setup
+	$(BIN)/pytest -q -m server $(PYTEST_ARGS)
+
+# Debian's chromium for the browser tests (root, as on CI; a no-op where it is installed).
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation)
+
+test-browser: setup browser-deps
+	$(BIN)/pytest -q -m browser $(PYTEST_ARGS)
+
+test-all: setup browser-deps
+	$(BIN)/pytest -q -m "slow or crash or server or browser or not (slow or crash or server or browser)" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

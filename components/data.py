@@ -58,7 +58,8 @@ def _expected() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
+    """A local path (relative, absolute or a file name with a data suffix) rather than a hub dataset id."""
     return source.startswith(("./", "../", "/", "~")) or Path(source).suffix.lower() in FILE_BUILDERS
 
 
@@ -189,7 +190,7 @@ def load_table(source: str, split: str | None = None, name: str | None = None) -
         if any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
             return _pick_split(datasets.load_from_disk(str(path)), split, source)
         return _load_dataset(str(path), name, split)
-    if _looks_local(source):
+    if looks_local(source):
         raise DatasetValidationError(
             f"{source}: no such file or folder (cwd {os.getcwd()}); give an existing .jsonl/.json/.parquet/"
             ".csv file, a save_to_disk folder, or a hub dataset id such as 'trl-lib/ultrafeedback_binarized'"

@@ -17,6 +17,9 @@ import mlflow
 import pandas as pd
 from datasets import Dataset
 from hydra.utils import instantiate
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
 from components.modeling import resolve_device
 from flows.progress import StageLogger
@@ -34,10 +37,28 @@ def load_split(result: dict[str, Any], split: str, log: bool = True) -> Dataset:
     return ds
 
 
-def _log_split(ds: Dataset, name: str, path: Path, split: str) -> None:
+def _log_split(ds: Dataset, name: str, path: Path, split: str, origin: dict[str, Any] | None = None) -> None:
     context = "eval" if "eval" in split else "training"
-    dataset = mlflow.data.from_huggingface(ds, path=str(path), name=f"{name}/{split}")
+    dataset = mlflow.data.from_huggingface(ds, source=dataset_source(path, origin), name=f"{name}/{split}")
     mlflow.log_input(dataset, context=context)
+
+
+#: For `data=files`: the config nodes a split can come from, the first one set wins (held-out splits are carved
+#: out of the training node when they have none of their own; prompts come from the pairs when not given).
+ORIGINS = {"sft": ("sft",), "preference": ("preference",), "preference_eval": ("preference_eval", "preference"),
+           "prompts": ("prompts", "preference"), "eval_prompts": ("prompts", "preference_eval", "preference")}
+
+
+def dataset_source(path: Path, origin: dict[str, Any] | None = None) -> DatasetSource:
+    """Where a split really comes from: the user's local file or the hub dataset named by its `data.*` node
+    (`origin`), else the JSONL file at `path`; only a hub id gets a Hugging Face source (a huggingface.co link)."""
+    from components.data import looks_local
+
+    where = str(origin["path"]) if origin else str(path)
+    if origin is None or Path(where).expanduser().exists() or looks_local(where):
+        uri = str(Path(where).expanduser().resolve())
+        return get_dataset_source_from_json(json.dumps({"uri": uri}), source_type="local")
+    return HuggingFaceDatasetSource(path=where, config_name=origin.get("name"), split=origin.get("split"))
 
 
 def prepare_data(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
@@ -59,7 +80,8 @@ def prepare_data(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str
     for split in SPLITS:
         path = stage_dir / f"{split}.jsonl"
         splits[split].to_json(str(path), lines=True, force_ascii=False)
-        _log_split(splits[split], cfg["name"], path, split)
+        origin = next((cfg[n] for n in ORIGINS[split] if cfg.get(n)), None) if cfg["source"] == "files" else None
+        _log_split(splits[split], cfg["name"], path, split, origin)
         metrics[f"data/n_{split}"] = float(len(splits[split]))
     (stage_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     (stage_dir / "meta.json").write_text(json.dumps({"name": cfg["name"]}))
@@ -182,8 +204,11 @@ def _gold_fn(gold: str | None):
 
 
 def _log_model_dir(spec: dict[str, Any], model_dir: Path) -> None:
-    if spec["options"]["log_models"]:
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    """The checkpoint as an MLflow LoggedModel of this stage's run (flows.models: uploaded when
+    `tracking.log_models`, else a record pointing at the stage directory)."""
+    from flows.models import log_checkpoint
+
+    log_checkpoint(spec["stage"], spec["key"], model_dir, spec["options"]["log_models"])
 
 
 def _sft_model(spec: dict[str, Any]) -> str:
@@ -288,3 +313,30 @@ def label_preferences(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dic
     mlflow.log_table(pd.DataFrame(table), "verdicts.json")
     gold = _gold_fn(spec["config"]["gold"])
     return label_stats(pairs, verdicts, gold)
+
+
+def register_policy(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """Register the evaluated policy as a version of `registry.model_name` (once per policy, found again by its
+    content digest) and move the `registry.alias` only through the quality gate; the verdict and its reason are
+    tagged on the version, this run and the pipeline run."""
+    from flows.models import find_or_register, gate, record_verdict, stage_model
+
+    registry, policy, evaluated = spec["config"]["registry"], spec["upstream"]["policy"], spec["upstream"]["eval"]
+    if not registry["enabled"]:
+        return {"register/enabled": 0.0}
+    run = mlflow.get_run(run_id)
+    pipeline_run = run.data.tags["mlflow.parentRunId"]
+    model_id = stage_model(policy, run.info.experiment_id, spec["options"]["log_models"])
+    value = evaluated["metrics"].get(registry["metric"])
+    tags = {"alignflow.stage": policy["stage"], "alignflow.key": policy["key"],
+            "alignflow.checkpoint": str(Path(policy["path"]) / "model"), "alignflow.pipeline_run": pipeline_run,
+            "alignflow.eval_run": evaluated["mlflow_run_id"], "alignflow.metric": registry["metric"]}
+    if value is not None:
+        tags["alignflow.metric_value"] = repr(float(value))
+    version = find_or_register(registry["model_name"], model_id, policy["manifest"]["digest"], tags)
+    decision, reason = gate(registry, version, value)
+    record_verdict(registry["model_name"], version.version, decision.outcome, reason, [run_id, pipeline_run])
+    (stage_dir / "registration.json").write_text(json.dumps(
+        {"model_name": registry["model_name"], "version": int(version.version), "model_id": model_id,
+         "champion": decision.outcome, "reason": reason}, indent=2))
+    return {"register/version": float(version.version), "register/promoted": float(decision.promote)}

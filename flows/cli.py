@@ -1,7 +1,8 @@
 """The `alignflow` command: a Hydra app (so `-m`, `--cfg job`, `--help` work) that calls the Prefect flow.
 
 The flow receives the job's overrides, not the composed config, so a scheduled deployment can pass exactly the
-same thing later. In a `-m` sweep every job hangs under one MLflow sweep parent run.
+same thing later. In a `-m` sweep every job hangs under one MLflow sweep run, which the Hydra callback in
+`flows.sweep` opens before the first job and closes with a comparison and a verdict after the last.
 
 Before the flow (and so before the Prefect server starts or anything trains), the config's values are checked
 (`flows.config.validate_config`) and then what they point at: machine, trainer args, judge, models and data files
@@ -51,13 +52,11 @@ def main(cfg: DictConfig) -> float | None:
     from components.judges.base import JudgeError
     from flows.lifecycle import tie_children_to_process
     from flows.pipeline import alignflow
-    from flows.tracking import get_or_create_sweep_run, init_tracking
+    from flows.sweep import current_sweep_run
 
     tie_children_to_process()  # SIGTERM ends runs FAILED; Prefect's temporary server dies with this process
 
-    parent = None
-    if hc.mode == RunMode.MULTIRUN:
-        parent = get_or_create_sweep_run(init_tracking(config["tracking"]), hc.sweep.dir, overrides)
+    parent = current_sweep_run() if hc.mode == RunMode.MULTIRUN else None  # opened by flows.sweep's callback
     try:
         summary = alignflow(overrides=overrides, parent_run_id=parent, config=config)
     except (ConfigError, DatasetValidationError, JudgeError, OSError) as err:  # expected: no traceback needed

@@ -7,6 +7,7 @@ field and the fix, so bad input fails before training starts.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from components.generation import SamplingSettings
 from components.ppo import PPOSettings
+from components.promotion import DIRECTIONS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OmegaConf.register_new_resolver("abspath", lambda p: str(Path(p).expanduser().resolve()), replace=True)
@@ -99,6 +101,14 @@ RULES: dict[str, tuple] = {
     "rl.reward_batch_size": POSITIVE_INT,
     "reward.score_batch_size": POSITIVE_INT,
     "eval.n_table_rows": (lambda v: _integer(v) and v >= 0, "use an integer >= 0"),
+    "registry.enabled": (lambda v: isinstance(v, bool), "use true or false"),
+    "registry.model_name": (lambda v: isinstance(v, str) and v.strip() != "", "name the registered model"),
+    "registry.alias": (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z_][\w-]*", v) is not None
+                       and re.fullmatch(r"v\d+|latest", v) is None, "use a word such as champion (not latest, v1)"),
+    "registry.metric": (lambda v: isinstance(v, str) and v.startswith("eval/"), "use an eval metric, e.g. "
+                        "eval/win_rate_vs_sft"),
+    "registry.direction": (lambda v: v in DIRECTIONS, "use higher or lower (which way is better)"),
+    "registry.margin": (lambda v: _number(v) and v >= 0, "use a number >= 0"),
 }
 EMBEDDED_RULES: dict[str, tuple] = {
     f"data.embedded.{k}": POSITIVE_INT

@@ -18,9 +18,10 @@ from prefect.runtime import flow_run
 
 from flows.cache import DamagedStage, DigestMemo, input_digest, read_done, stage_key
 from flows.config import compose_config, validate_config
+from flows.prefect_run import flow_run_name, publish_summary, tag_flow_run
 from flows.preflight import preflight
 from flows.progress import summary_table
-from flows.stages import STAGES, record_cached
+from flows.stages import STAGES, headline_metrics, record_cached
 from flows.tracking import end_run, init_tracking, log_metrics, reconcile_dead_runs, start_pipeline_run
 
 log = logging.getLogger("alignflow")
@@ -63,7 +64,7 @@ class Pipeline:
         result = {**result, "wall": time.monotonic() - start}
         log.info("[%s] %s in %.1fs (key %s)", name, "reused" if result["cached"] else "done", result["wall"], key)
         self.results.append(result)
-        log_metrics(self.run_id, result["metrics"])
+        log_metrics(self.run_id, headline_metrics(result))  # the stage run keeps the rest: each number once
         return result
 
     def finish(self, ok: bool) -> dict[str, Any]:
@@ -76,6 +77,8 @@ class Pipeline:
         table = summary_table([{**r, "seconds": r["wall"]} for r in self.results], headline)
         outcome = "finished" if ok else "FAILED"
         log.info("pipeline %s %s after %.1fs\n%s", self.cfg["pipeline"]["name"], outcome, total, table)
+        publish_summary(self.results, headline, ok, self.cfg["pipeline"]["name"],  # a Prefect table artifact
+                        (self.cfg["tracking"]["tracking_uri"], self.experiment_id, self.run_id))
         uri = self.cfg["tracking"]["tracking_uri"]
         mlflow_cli = Path(sys.executable).parent / "mlflow"  # the one installed beside alignflow (.venv/bin)
         log.info("MLflow run %s; browse with:  %s ui --backend-store-uri %s", self.run_id, mlflow_cli, uri)
@@ -90,7 +93,7 @@ def _intact(stage_dir: Path, verify: str) -> bool:
         return False
 
 
-@flow(name="alignflow")
+@flow(name="alignflow", flow_run_name=flow_run_name)  # e.g. "rlhf rl.kl_coef=0.1"
 def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = None,
               config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the configured alignment pipeline; `overrides` are Hydra overrides such as `rl.kl_coef=0.1`.
@@ -103,6 +106,7 @@ def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = No
     overrides = list(overrides or [])
     cfg = config or compose_config(overrides)
     validate_config(cfg)
+    tag_flow_run(cfg["pipeline"]["name"])  # with `alignflow`; a deployment's own tags stay
     preflight(cfg)  # machine, trainer args, judge, models, data files: before the MLflow run opens
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
@@ -122,7 +126,8 @@ def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = No
         else:
             reward = pipe.run("reward", **feedback)
             scored = {"reward": reward, "policy": pipe.run(cfg["rl"]["algorithm"], **feedback, reward=reward)}
-        pipe.run("eval", data=data, sft=sft, **scored)
+        evaluated = pipe.run("eval", data=data, sft=sft, **scored)
+        pipe.run("register", eval=evaluated, policy=scored["policy"])  # the model registry's champion gate
     except BaseException:
         try:
             pipe.finish(ok=False)

@@ -25,7 +25,7 @@ class StageLogger:
         self.offset = 1 if zero_based else 0  # our PPO counts updates from 0; HF trainers count steps from 1
         self.every_s = every_s
         self.start = time.monotonic()
-        self.last_print = 0.0
+        self.last_print = float("-inf")  # the first step is reported at once
         self.bar = LiveBar(stage) if sys.stderr.isatty() else None
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:

@@ -36,8 +36,27 @@ def record_cached(result: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]
     """Give a reused stage its own child run (tagged cached, pointing at the producer) with metrics copied."""
     with stage_run(run["experiment_id"], run["parent_run_id"], result["stage"], result["key"], cached=True,
                    source_run_id=result["mlflow_run_id"]) as run_id:
-        log_metrics(run_id, result["metrics"])
+        log_metrics(run_id, detail_metrics(result))
     return {**result, "cached": True}
+
+
+def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """A stage result's headline numbers (its `Stage.headline`): logged once, on the pipeline run.
+
+    Every number is logged on one run only, so no chart shows a pipeline run twice: the pipeline run carries the
+    headline, the stage run the rest. A headline metric the stage logged itself while training (a curve, such as
+    `ppo/mean_reward` by update) stays with its curve on the stage run.
+    """
+    stage = STAGES.get(result["stage"])
+    curves = set(result.get("curves", ()))
+    names = stage.headline if stage is not None else ()
+    return {k: v for k, v in result["metrics"].items() if k in names and k not in curves}
+
+
+def detail_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """What a stage run keeps: every metric of the result that is not on the pipeline run."""
+    headline = headline_metrics(result)
+    return {k: v for k, v in result["metrics"].items() if k not in headline}
 
 
 def execute(spec: dict[str, Any], run: dict[str, Any], body: Body) -> dict[str, Any]:
@@ -63,9 +82,10 @@ def _execute_locked(spec: dict[str, Any], run: dict[str, Any], body: Body) -> di
         seconds = time.monotonic() - start
         metrics[f"{spec['stage']}/seconds"] = seconds
         already = MlflowClient().get_run(rid).data.metrics  # curves logged step by step stay as they are
-        log_metrics(rid, {k: v for k, v in metrics.items() if k not in already})
         result = {"stage": spec["stage"], "key": spec["key"], "path": str(stage_dir), "metrics": metrics,
-                  "mlflow_run_id": rid, "seconds": seconds, "cached": False, "manifest": build_manifest(stage_dir)}
+                  "mlflow_run_id": rid, "seconds": seconds, "cached": False, "manifest": build_manifest(stage_dir),
+                  "curves": sorted(already)}
+        log_metrics(rid, {k: v for k, v in detail_metrics(result).items() if k not in already})
         write_done(stage_dir, result)
     return result
 
@@ -174,4 +194,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dpo", bodies.train_dpo, ("components.dpo",), _on_device("dpo"), ("dpo/accuracy", "dpo/rewards_margin")),
     Stage("eval", bodies.evaluate_policy, ("components.evaluate",), _with_gold("eval"),
           ("eval/win_rate_vs_sft", "eval/gold_reward_mean", "eval/gold_reward_mean_sft", "eval/kl_to_sft")),
+    Stage("register", bodies.register_policy, ("components.promotion",),
+          lambda cfg: {"registry": cfg["registry"], "tracking": cfg["tracking"]},
+          ("register/version", "register/promoted")),
 )}

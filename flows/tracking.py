@@ -1,4 +1,4 @@
-"""MLflow run tree: experiment → (sweep parent) → pipeline run → one child run per stage.
+"""MLflow run tree: experiment → (sweep run, flows.sweep) → pipeline run → one child run per stage.
 
 Runs are created with explicit ids through MlflowClient, so nothing depends on MLflow's thread-local "active
 run" across Prefect tasks; a stage body activates only its own child run (for `log_input`, tables, artifacts).
@@ -23,6 +23,8 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
+
+from flows import naming
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 log = logging.getLogger("alignflow")
@@ -169,11 +171,15 @@ def start_pipeline_run(experiment_id: str, cfg: dict[str, Any], overrides: list[
     client = MlflowClient()
     all_tags = {"alignflow.pipeline": cfg["pipeline"]["name"], "alignflow.overrides": json.dumps(overrides),
                 "mlflow.source.git.commit": git_commit(), **owner_tags(), **tags}
+    swept = None
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run_name = f"{cfg['pipeline']['name']} " + " ".join(overrides) if overrides else cfg["pipeline"]["name"]
-    run = client.create_run(experiment_id, run_name=run_name[:250], tags=all_tags)
-    params = [mlflow.entities.Param(k, v) for k, v in flatten(cfg).items()]
+        keys = client.get_run(parent_run_id).data.tags.get("alignflow.sweep.keys")
+        swept = json.loads(keys) if keys else None  # a sweep job is named by what the sweep varies
+    run_name = naming.run_name(cfg["pipeline"]["name"], overrides, swept)
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    # A few params (what this run overrides, the headline knobs); the full config is the config.yaml artifact.
+    params = [mlflow.entities.Param(k, v) for k, v in naming.run_params(cfg, overrides).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,19 +193,6 @@ def start_pipeline_run(experiment_id: str, cfg: dict[str, Any], overrides: list[
 def end_run(run_id: str, ok: bool) -> None:
     """Close a run created by this module."""
     MlflowClient().set_terminated(run_id, "FINISHED" if ok else "FAILED")
-
-
-def get_or_create_sweep_run(experiment_id: str, sweep_id: str, overrides: list[str]) -> str:
-    """The parent run shared by every job of one `-m` sweep (found by its tag, created by the first job)."""
-    client = MlflowClient()
-    found = client.search_runs([experiment_id], filter_string=f"tags.`alignflow.sweep` = '{sweep_id}'",
-                               max_results=1)
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"sweep {Path(sweep_id).name}",
-                            tags={"alignflow.sweep": sweep_id, "alignflow.overrides": json.dumps(overrides),
-                                  **owner_tags()})
-    return run.info.run_id
 
 
 @contextmanager

@@ -73,7 +73,9 @@ def final_metrics(out: str, root: Path) -> dict[str, float]:
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     runs = client.search_runs(client.search_experiments()[0].experiment_id,
                               filter_string="tags.`alignflow.stage` = 'eval'", order_by=["start_time DESC"])
-    return {k: v for k, v in runs[0].data.metrics.items() if k.startswith("eval/") and k != "eval/seconds"}
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"]).data.metrics
+    merged = {**runs[0].data.metrics, **parent}  # eval's headline lives on the pipeline run, the rest on its own
+    return {k: v for k, v in merged.items() if k.startswith("eval/") and k != "eval/seconds"}
 
 
 def statuses(root: Path) -> dict[str, int]:

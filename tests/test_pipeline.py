@@ -44,7 +44,7 @@ def metrics_of(summary: dict) -> dict[str, float]:
 def test_pipeline_improves_on_sft_honestly(first_run):
     root, summary, _ = first_run
     m = metrics_of(summary)
-    assert [s["stage"] for s in summary["stages"]] == ["data", "sft", "reward", "ppo", "eval"]
+    assert [s["stage"] for s in summary["stages"]] == ["data", "sft", "reward", "ppo", "eval", "register"]
     assert not any(s["cached"] for s in summary["stages"])
     assert 5e5 < m["sft/n_parameters"] < 5e6  # the embedded model is built from config at ~1 M parameters
     # The reward model clearly beats chance and stays under the annotator's Bayes ceiling (+ sampling noise).
@@ -66,12 +66,18 @@ def test_mlflow_run_tree(first_run):
     assert parent.data.params["rl.kl_coef"] == "0.2"
     assert "eval/win_rate_vs_sft" in parent.data.metrics  # compare view lines pipeline runs up
     children = stage_runs(root, summary["mlflow_run_id"])
-    assert set(children) == {"data", "sft", "reward", "ppo", "eval"}
+    assert set(children) == {"data", "sft", "reward", "ppo", "eval", "register"}
     assert all(c["tags"]["alignflow.cached"] == "false" for c in children.values())
     ppo_run = next(s["mlflow_run_id"] for s in summary["stages"] if s["stage"] == "ppo")
     history = client.get_metric_history(ppo_run, "ppo/mean_reward")
     assert sorted(m.step for m in history) == list(range(15))  # one point per update
-    assert {"reward/eval_accuracy", "reward/bayes_ceiling"} <= set(children["reward"]["metrics"])
+    # Each number is logged once: the stages' headline metrics on the pipeline run, their detail on the stage run.
+    assert {"reward/eval_accuracy", "reward/bayes_ceiling"} <= set(parent.data.metrics)
+    assert not {"reward/eval_accuracy", "eval/win_rate_vs_sft"} & {*children["reward"]["metrics"],
+                                                                   *children["eval"]["metrics"]}
+    assert "reward/seconds" in children["reward"]["metrics"] and "eval/eos_rate" in children["eval"]["metrics"]
+    assert "ppo/mean_reward" not in parent.data.metrics  # a curve stays with its stage run
+    assert len(parent.data.params) < 30  # what this run overrides plus headline knobs; all of it in config.yaml
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
     assert {"config.yaml", "packages.json"} <= artifacts
 
@@ -83,11 +89,13 @@ def test_rerun_reuses_everything_then_rl_change_reruns_only_ppo_and_eval(first_r
     assert again["seconds"] < 0.25 * first["seconds"]
     children = stage_runs(root, again["mlflow_run_id"])
     assert all(c["tags"]["alignflow.cached"] == "true" for c in children.values())
-    assert children["reward"]["metrics"]["reward/eval_accuracy"] == metrics_of(first)["reward/eval_accuracy"]
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    reused = client.get_run(again["mlflow_run_id"]).data.metrics
+    assert reused["reward/eval_accuracy"] == metrics_of(first)["reward/eval_accuracy"]
 
     changed = alignflow(overrides=[*SMOKE, "rl.kl_coef=0.3", "rl.total_updates=2"])
     cached = {s["stage"]: s["cached"] for s in changed["stages"]}
-    assert cached == {"data": True, "sft": True, "reward": True, "ppo": False, "eval": False}
+    assert cached == {"data": True, "sft": True, "reward": True, "ppo": False, "eval": False, "register": False}
 
 
 def test_deleted_stage_directory_is_rebuilt(first_run):
@@ -117,7 +125,7 @@ def test_damaged_outputs_and_markers_are_rebuilt_not_trusted(first_run, caplog):
     (stage_dir_of(first, "data") / "DONE").write_text('{"truncated')  # an unreadable marker
     rerun = alignflow(overrides=SMOKE)
     cached = {s["stage"]: s["cached"] for s in rerun["stages"]}
-    assert cached == {"data": False, "sft": True, "reward": False, "ppo": True, "eval": True}
+    assert cached == {"data": False, "sft": True, "reward": False, "ppo": True, "eval": True, "register": True}
     assert "[reward] stored result is damaged" in caplog.text and "model.safetensors has 0 bytes" in caplog.text
     assert "[data] stored result is damaged" in caplog.text and "DONE is unreadable" in caplog.text
     assert manifest_of(rerun, "reward") == manifest_of(first, "reward")
@@ -154,7 +162,8 @@ def test_an_upstream_stage_rebuilt_differently_reruns_what_depends_on_it(first_r
     try:
         rerun = alignflow(overrides=SMOKE)
         cached = {s["stage"]: s["cached"] for s in rerun["stages"]}
-        assert cached == {"data": True, "sft": True, "reward": False, "ppo": False, "eval": False}
+        assert cached == {"data": True, "sft": True, "reward": False, "ppo": False, "eval": False,
+                          "register": False}
         assert manifest_of(rerun, "reward")["digest"] != manifest_of(first, "reward")["digest"]
         assert stage_dir_of(rerun, "ppo") != stage_dir_of(first, "ppo")  # a new key: trained on the new model
     finally:

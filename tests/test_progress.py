@@ -23,7 +23,8 @@ def test_plain_lines_when_not_a_terminal(monkeypatch, logged, caplog):
     for step in range(4):
         logger(step, {"ppo/mean_reward": float(step)})
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1  # none until the last step (every_s is an hour), then the final line
+    assert len(lines) == 2  # the first step at once, then none until the last (every_s is an hour)
+    assert lines[0].startswith("[ppo] step 1/4 ( 25%)")
     assert lines[-1].startswith("[ppo] step 4/4 (100%) ppo/mean_reward=3.0000")
     assert [s for s, _ in logged] == [0, 1, 2, 3]  # every step still reaches tracking
 

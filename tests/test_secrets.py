@@ -115,7 +115,7 @@ def test_judge_key_never_reaches_console_logs_stores_or_prefect(prefect_harness,
     with FakeChatServer(echoing_endpoint(holder)) as server:
         holder["server"] = server
         summary = alignflow(overrides=args(server.url))
-    assert [s["stage"] for s in summary["stages"]] == ["data", "sft", "label", "reward", "ppo", "eval"]
+    assert [s["stage"] for s in summary["stages"]] == ["data", "sft", "label", "reward", "ppo", "eval", "register"]
     broken: dict[str, FakeChatServer] = {}
     with FakeChatServer(echoing_endpoint(broken, always_echo=True)) as failing:  # another URL: label reruns
         broken["server"] = failing

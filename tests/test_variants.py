@@ -36,16 +36,18 @@ def variants(smoke_run):
 
 def test_sft_trains_once_and_every_variant_reports_the_same_eval_metrics(variants):
     root, runs = variants
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     for name, summary in runs.items():
         children = stage_runs(root, summary["mlflow_run_id"])
-        assert EVAL_KEYS <= set(children["eval"]["metrics"]), name
+        assert EVAL_KEYS <= set(client.get_run(summary["mlflow_run_id"]).data.metrics), name  # compared here
+        assert not EVAL_KEYS & set(children["eval"]["metrics"]), name  # and only here: no variant charted twice
         if name != "rlhf":
             assert children["sft"]["tags"]["alignflow.cached"] == "true", name
             assert children["data"]["tags"]["alignflow.cached"] == "true", name
     stages = {n: [s["stage"] for s in r["stages"]] for n, r in runs.items()}
-    assert stages["dpo"] == ["data", "sft", "dpo", "eval"]
-    assert stages["rlaif"] == ["data", "sft", "label", "reward", "ppo", "eval"]
-    assert stages["rlaif_dpo"] == ["data", "sft", "label", "dpo", "eval"]
+    assert stages["dpo"] == ["data", "sft", "dpo", "eval", "register"]
+    assert stages["rlaif"] == ["data", "sft", "label", "reward", "ppo", "eval", "register"]
+    assert stages["rlaif_dpo"] == ["data", "sft", "label", "dpo", "eval", "register"]
     label = {n: next(s for s in runs[n]["stages"] if s["stage"] == "label") for n in ("rlaif", "rlaif_dpo")}
     assert label["rlaif_dpo"]["cached"] and label["rlaif_dpo"]["key"] == label["rlaif"]["key"]  # judged once
 
@@ -73,7 +75,7 @@ def test_trl_rl_algorithms_run_and_are_evaluated_like_ppo(variants, algorithm):
     _, runs = variants
     summary = alignflow(overrides=[*SMOKE, f"rl={algorithm}", "rl.args.max_steps=3"])
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["data", "sft", "reward", algorithm, "eval"]
+    assert list(stages) == ["data", "sft", "reward", algorithm, "eval", "register"]
     assert stages["reward"]["cached"] and stages["reward"]["key"] == next(
         s["key"] for s in runs["rlhf"]["stages"] if s["stage"] == "reward")  # one reward model for every rl=
     assert f"{algorithm}/mean_reward" in stages[algorithm]["metrics"]
@@ -83,7 +85,7 @@ def test_trl_rl_algorithms_run_and_are_evaluated_like_ppo(variants, algorithm):
 def test_cai_pipeline_runs_its_revision_phase(variants):
     summary = alignflow(overrides=[*SMOKE, "pipeline=cai", "revision.n_prompts=32", "rl.total_updates=2"])
     stages = [s["stage"] for s in summary["stages"]]
-    assert stages == ["data", "sft", "revise", "sft_cai", "label", "reward", "ppo", "eval"]
+    assert stages == ["data", "sft", "revise", "sft_cai", "label", "reward", "ppo", "eval", "register"]
     m = metrics_of(summary)
     assert m["revise/n_revised"] == 32  # plumbing only: the tiny model is no instruction follower
 
@@ -97,9 +99,11 @@ def test_cli_sweep_groups_jobs_under_one_parent(variants):
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("alignflow").experiment_id
     sweeps = client.search_runs([exp], filter_string="tags.`alignflow.sweep` LIKE '%'")
-    assert len(sweeps) == 1
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+    assert "wins on eval/win_rate_vs_sft" in sweeps[0].data.tags["alignflow.verdict"]
     jobs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{sweeps[0].info.run_id}'")
     assert sorted(r.data.tags["alignflow.pipeline"] for r in jobs) == ["dpo", "rlhf"]
+    assert sorted(r.info.run_name for r in jobs) == ["dpo", "rlhf"]  # named by what the sweep varies
     assert all(json.loads(r.data.tags["alignflow.overrides"]) for r in jobs)
     for job in jobs:  # everything was already computed by the tests above: the sweep trains nothing
         children = stage_runs(root, job.info.run_id)
