@@ -50,6 +50,16 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     return plain
 
 
+def select(cfg: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted path of a plain config (`data.sft.path`), or None where the path does not exist."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):

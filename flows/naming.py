@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flows.config import select
+
 MAX_NAME = 250  # MLflow's run-name column
 HEADLINE_KNOBS = {  # always logged as params (where the pipeline uses them), so every run lines up on them
     "any": ("pipeline.name", "model.name_or_path", "data.name", "seed"),
@@ -56,26 +58,17 @@ def run_name(pipeline: str, overrides: list[str], swept: list[str] | None = None
     return name
 
 
-def _get(cfg: dict[str, Any], dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def run_params(cfg: dict[str, Any], overrides: list[str]) -> dict[str, str]:
     """The keys this run overrides (a group override gives the option chosen) plus the headline knobs."""
     kind = cfg.get("pipeline", {})
     knobs = [*HEADLINE_KNOBS["any"], *HEADLINE_KNOBS[kind.get("optimizer", "rl")]]
     if kind.get("feedback") == "ai":
         knobs.extend(HEADLINE_KNOBS["ai"])
-    params = {k: str(_get(cfg, k)) for k in knobs}
+    params = {k: str(select(cfg, k)) for k in knobs}
     for override in overrides:
         if override.startswith(("hydra.", "~")):
             continue
         key, value = split_override(override)
-        found = _get(cfg, key)
+        found = select(cfg, key)
         params[key] = value if found is None or isinstance(found, dict) else str(found)
     return {k: v[:6000] for k, v in params.items()}

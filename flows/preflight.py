@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from components.data import DatasetValidationError
-from flows.config import ConfigError, trainer_stages
+from flows.config import ConfigError, select, trainer_stages
 
 log = logging.getLogger("alignflow")
 
@@ -81,15 +81,6 @@ def one_line(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _maybe(cfg: dict[str, Any], dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _reason(err: BaseException) -> str:
     """`Type: first line` of an error, unwrapping Hydra's InstantiationException to TRL's own error."""
     if type(err).__name__ == "InstantiationException" and err.__cause__ is not None:
@@ -104,8 +95,8 @@ def _invalid(field: str, value: Any, fix: str) -> ConfigError:
 
 def _fingerprint(cfg: dict[str, Any]) -> str:
     """The config plus what preflight read outside it: the files it names and the judge's key variable."""
-    paths = [_maybe(cfg, f"data.{k}.path") for k in ("sft", "preference", "preference_eval", "prompts")]
-    paths += [_maybe(cfg, field) for field, _, _ in MODEL_FIELDS]
+    paths = [select(cfg, f"data.{k}.path") for k in ("sft", "preference", "preference_eval", "prompts")]
+    paths += [select(cfg, field) for field, _, _ in MODEL_FIELDS]
     stats = {}
     for path in filter(None, paths):
         try:
@@ -113,7 +104,7 @@ def _fingerprint(cfg: dict[str, Any]) -> str:
             stats[path] = [stat.st_size, stat.st_mtime_ns]
         except (OSError, TypeError):
             stats[str(path)] = None
-    env = _maybe(cfg, "judge.settings.api_key_env")
+    env = select(cfg, "judge.settings.api_key_env")
     blob = json.dumps([cfg, stats, bool(env and os.environ.get(str(env)))], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -129,7 +120,7 @@ def check_machine(cfg: dict[str, Any]) -> None:
         return
     why = f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else "torch sees no GPU"
     for field in DEVICE_FIELDS:
-        value = _maybe(cfg, field)
+        value = select(cfg, field)
         if isinstance(value, str) and value.startswith("cuda"):
             raise _invalid(field, value, f"no CUDA GPU on this machine ({why}); use device=auto or device=cpu")
     for stage in trainer_stages(cfg):
@@ -256,7 +247,7 @@ def check_models(cfg: dict[str, Any]) -> dict[str, Any]:
     """Every checkpoint the pipeline loads exists and has the right head; returns their configs by field."""
     configs = {}
     for field, role, used in MODEL_FIELDS:
-        value = _maybe(cfg, field)
+        value = select(cfg, field)
         if value is None or not used(cfg):
             continue
         config = _model_config(field, value)
@@ -295,7 +286,7 @@ def _check_context_fields(cfg: dict[str, Any], configs: dict[str, Any], context:
 
     stages = set(trainer_stages(cfg)) | {"rl", "eval"}
     for field, room in CONTEXT_FIELDS.items():
-        value, limit = _maybe(cfg, field), context
+        value, limit = select(cfg, field), context
         if field.startswith("reward.") and "reward.model_name_or_path" in configs:
             limit = context_length(configs["reward.model_name_or_path"])
         if field.split(".")[0] in stages and isinstance(value, int) and limit and value > limit - room:
@@ -317,7 +308,7 @@ def _split_field(cfg: dict[str, Any], split: str) -> str:
 
 def _where(cfg: dict[str, Any], split: str) -> str:
     field = _split_field(cfg, split)
-    return f"`{field}`: {_maybe(cfg, field + '.path')}"
+    return f"`{field}`: {select(cfg, field + '.path')}"
 
 
 def _is_conversational(ds: Any) -> bool:

@@ -25,6 +25,7 @@ from prefect import Task, task
 
 from flows import bodies
 from flows.cache import build_manifest, finished, fresh_stage_dir, stage_lock, write_done
+from flows.config import select
 from flows.tracking import log_metrics, stage_run
 
 Body = Callable[[dict[str, Any], Path, str], dict[str, float]]
@@ -164,14 +165,7 @@ def _data_files(cfg: Config) -> list[str]:
 def _given(*dotted: str) -> Callable[[Config], list[str]]:
     """The values at `dotted` config paths that are set (model paths, hub ids)."""
     def pick(cfg: Config) -> list[str]:
-        found = []
-        for path in dotted:
-            node: Any = cfg
-            for part in path.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, str) and node:
-                found.append(node)
-        return found
+        return [value for value in (select(cfg, path) for path in dotted) if isinstance(value, str) and value]
     return pick
 
 
