@@ -6,6 +6,8 @@ log-probability margin of chosen over rejected must grow relative to the referen
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from pathlib import Path
 
@@ -81,8 +83,15 @@ def dpo_run(tmp_path_factory):
     logs: list[tuple[int, dict[str, float]]] = []
     args = dpo_args(root / "trainer", per_device_train_batch_size=16, num_train_epochs=2, learning_rate=3e-3,
                     warmup_steps=0, logging_steps=2)  # fmt: skip
-    summary = train_dpo(ref_path, pairs, args, root / "model", lambda step, m: logs.append((step, m)))
-    return {"summary": summary, "logs": logs, "ref": ref_path, "out": root / "model", "pairs": pairs}
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:  # where tqdm bars would go
+        summary = train_dpo(ref_path, pairs, args, root / "model", lambda step, m: logs.append((step, m)))
+    return {"summary": summary, "logs": logs, "ref": ref_path, "out": root / "model", "pairs": pairs,
+            "stderr": stderr.getvalue()}
+
+
+def test_trl_progress_bars_stay_out_of_the_stage_output(dpo_run):
+    """TRL's own "Computing reference log probs" bar used to leak into the DPO stage's output."""
+    assert "reference log probs" not in dpo_run["stderr"]
 
 
 def test_yaml_is_a_cpu_ready_dpo_config(tmp_path):
