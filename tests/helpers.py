@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
 WORDS = "the a cat dog sat ran on under mat log good bad very quite happy sad big small red blue".split()
@@ -32,3 +34,25 @@ def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+#: What an alignflow process of its own must not inherit from the test process (its Prefect harness, store, run).
+INHERITED = ("ALIGNFLOW_ROOT", "PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL",
+             "HF_DATASETS_CACHE", "MLFLOW_RUN_ID", "ALIGNFLOW_SWEEP_RUN_ID")
+
+
+def cli_env(root: Path | None = None, threads: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of an alignflow process started by a test: offline, `threads` torch threads, its own store
+    under `root` (Prefect's home and the datasets cache with it), then `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED}
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if root is not None:
+        env["ALIGNFLOW_ROOT"] = str(root)
+    return {**env, **extra}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -6,7 +6,6 @@ Marker `crash` (run by .ci/run after the default suite): each case starts the re
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from tests.helpers import cli_env
 
 pytestmark = pytest.mark.crash
 
@@ -28,11 +29,7 @@ STAGES = ["data", "sft", "reward", "ppo", "eval"]
 
 
 def start(root: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "ALIGNFLOW_ROOT": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    for name in ("PREFECT_HOME", "HF_DATASETS_CACHE", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
-        env.pop(name, None)  # each root keeps its own Prefect home and datasets cache
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *TINY, *extra], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *TINY, *extra], cwd=REPO, env=cli_env(root),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.pipeline import alignflow
 from tests.conftest import SMOKE
+from tests.helpers import cli_env
 
 
 def stage_runs(store: Path, pipeline_run_id: str) -> dict[str, dict]:
@@ -135,9 +135,7 @@ def test_a_stage_rebuilt_alone_in_a_fresh_process_is_identical(first_run):
     """The reward model's scalar head used to be drawn before anything seeded the process."""
     root, first, _ = first_run
     shutil.rmtree(stage_dir_of(first, "reward"))
-    env = {**os.environ, "ALIGNFLOW_ROOT": str(root), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    for name in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "HF_DATASETS_CACHE"):
-        env.pop(name, None)
+    env = cli_env(root, threads=torch.get_num_threads())  # the thread count of the in-process run
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *SMOKE], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parent.parent, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

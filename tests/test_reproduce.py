@@ -4,7 +4,6 @@ differing eval metric fails the command."""
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from flows.reproduce import (
     rebuild_config,
     reproduce,
 )
+from tests.helpers import cli_env
 
 TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preference=300",
         "data.embedded.n_eval_preference=100", "data.embedded.n_prompts=64", "data.embedded.n_eval_prompts=32",
@@ -87,10 +87,7 @@ def recorded(prefect_harness, tmp_path_factory):
 
 def test_the_cli_reproduces_the_embedded_default_exactly(recorded, tmp_path):
     root, run_id = recorded
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for name in ("ALIGNFLOW_ROOT", "PREFECT_HOME", "HF_DATASETS_CACHE", "PREFECT_API_URL",
-                 "PREFECT_API_DATABASE_CONNECTION_URL"):
-        env.pop(name, None)  # the command finds the store by --from-root and makes its own
+    env = cli_env()  # no ALIGNFLOW_ROOT: the command finds the store by --from-root and makes its own
     proc = subprocess.run([str(BIN / "alignflow-reproduce"), run_id, "--from-root", str(root), "--root",
                            str(tmp_path / "b")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

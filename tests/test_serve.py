@@ -8,8 +8,6 @@ summary artifact and its MLflow run.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ import yaml
 from flows.naming import run_name
 from flows.prefect_run import SUMMARY_KEY, mlflow_run_link, pipeline_of
 from flows.serve import NO_SERVER, ScheduleError, check_overrides, load_schedule, main
-from tests.helpers import stop_group
+from tests.helpers import cli_env, free_port, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -108,23 +106,13 @@ def test_flow_run_is_named_after_the_pipeline_its_overrides_select():
 
 
 # ------------------------------------------------------------------------------------------- a real server
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def stop(proc: subprocess.Popen, grace: float = 30) -> None:
     """SIGTERM the process group this test started (the process and its children), then SIGKILL what is left."""
     stop_group(proc, grace)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1", **extra}
-    for name in ("PREFECT_API_DATABASE_CONNECTION_URL", "HF_DATASETS_CACHE", "MLFLOW_RUN_ID"):
-        env.pop(name, None)
-    return env
+    return cli_env(PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from flows.naming import run_name, run_params, short_keys
 from flows.stages import detail_metrics, headline_metrics
 from flows.sweep import SWEEP_ENV, SweepCallback, swept
 from flows.tracking import init_tracking
+from tests.helpers import cli_env
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preference=300",
@@ -218,10 +219,7 @@ def test_help_lists_pipelines_groups_and_examples(tmp_path):
 def test_real_sweep_closes_with_a_verdict(tmp_path):
     """`alignflow -m` over three KL coefficients on tiny budgets: one sweep run, FINISHED, with the verdict, the
     table and the plots on it; SFT trained once; every pipeline run named by its KL coefficient."""
-    env = {**os.environ, "ALIGNFLOW_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    for name in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "HF_DATASETS_CACHE",
-                 SWEEP_ENV):
-        env.pop(name, None)
+    env = cli_env(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "-m", "rl.kl_coef=0.05,0.2,0.4", *TINY],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import stop_group
+from tests.helpers import cli_env, free_port, stop_group
 
 pytestmark = pytest.mark.browser
 
@@ -31,36 +30,23 @@ TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preferen
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _env(root: Path) -> dict[str, str]:
-    env = {**os.environ, "ALIGNFLOW_ROOT": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for name in ("PREFECT_HOME", "HF_DATASETS_CACHE", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
-        env.pop(name, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ui")
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "-m", "rl.kl_coef=0.05,0.2,0.4", *TINY], cwd=REPO,
-                          env=_env(root), capture_output=True, text=True, timeout=900)
+                          env=cli_env(root), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root
 
 
 @pytest.fixture(scope="module")
 def mlflow_ui(swept):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
          f"sqlite:///{swept}/mlruns/mlflow.db", "--default-artifact-root", str(swept / "mlruns" / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=swept, env=_env(swept), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cwd=swept, env=cli_env(swept), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
