@@ -67,11 +67,7 @@ def smoke_run(prefect_harness, tmp_path_factory):
 
     Later tests run other pipelines and reruns against it, so they reuse (and assert the reuse of) its stages.
     """
-    from flows.pipeline import alignflow
+    from tests.helpers import pipeline_store
 
-    root = tmp_path_factory.mktemp("smoke")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ALIGNFLOW_ROOT", str(root))
-    summary = alignflow(overrides=SMOKE)
-    yield root, summary
-    mp.undo()
+    with pipeline_store(tmp_path_factory.mktemp("smoke"), SMOKE) as (root, summary):
+        yield root, summary

@@ -8,8 +8,18 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+#: The whole pipeline on tiny budgets (~30 s): for tests of what surrounds the stages, not of learning.
+TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preference=300",
+        "data.embedded.n_eval_preference=100", "data.embedded.n_prompts=64", "data.embedded.n_eval_prompts=32",
+        "sft.args.num_train_epochs=1", "reward.args.num_train_epochs=1", "rl.total_updates=3",
+        "eval.max_prompts=32", "num_threads=1"]  # fmt: skip
 ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
 WORDS = "the a cat dog sat ran on under mat log good bad very quite happy sad big small red blue".split()
 
@@ -56,3 +66,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def pipeline_store(root: Path, overrides: list[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """One pipeline run, in-process, into a fresh store at `root`: (root, its summary); the store stays set while
+    the block runs (module- and session-scoped fixtures cannot use `monkeypatch`)."""
+    from flows.pipeline import alignflow
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ALIGNFLOW_ROOT", str(root))
+    try:
+        yield root, alignflow(overrides=overrides)
+    finally:
+        patch.undo()

@@ -16,11 +16,8 @@ from components.promotion import champion_gate
 from flows.bodies import dataset_source, load_split, prepare_data, register_policy
 from flows.models import log_checkpoint
 from flows.tracking import init_tracking, stage_run
+from tests.helpers import TINY, pipeline_store
 
-TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preference=300",
-        "data.embedded.n_eval_preference=100", "data.embedded.n_prompts=64", "data.embedded.n_eval_prompts=32",
-        "sft.args.num_train_epochs=1", "reward.args.num_train_epochs=1", "rl.total_updates=3",
-        "eval.max_prompts=32", "num_threads=1"]  # fmt: skip
 NAME = "alignflow-policy"
 
 
@@ -183,14 +180,8 @@ def test_user_files_are_local_sources_and_only_hub_ids_point_at_the_hub(tmp_path
 @pytest.fixture(scope="module")
 def tiny_store(prefect_harness, tmp_path_factory):
     """One tiny RLHF run into a fresh store."""
-    from flows.pipeline import alignflow
-
-    root = tmp_path_factory.mktemp("registry")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ALIGNFLOW_ROOT", str(root))
-    summary = alignflow(overrides=TINY)
-    yield root, summary
-    mp.undo()
+    with pipeline_store(tmp_path_factory.mktemp("registry"), TINY) as (root, summary):
+        yield root, summary
 
 
 def test_the_flow_logs_models_registers_the_policy_and_caches_registration(tiny_store, one_thread):

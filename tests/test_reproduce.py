@@ -22,12 +22,8 @@ from flows.reproduce import (
     rebuild_config,
     reproduce,
 )
-from tests.helpers import cli_env
+from tests.helpers import TINY, cli_env, pipeline_store
 
-TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preference=300",
-        "data.embedded.n_eval_preference=100", "data.embedded.n_prompts=64", "data.embedded.n_eval_prompts=32",
-        "sft.args.num_train_epochs=1", "reward.args.num_train_epochs=1", "rl.total_updates=3",
-        "eval.max_prompts=32", "num_threads=1"]  # fmt: skip
 BIN = Path(sys.executable).parent
 
 
@@ -75,14 +71,8 @@ def test_a_non_empty_root_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def recorded(prefect_harness, tmp_path_factory):
     """One tiny RLHF run in store A."""
-    from flows.pipeline import alignflow
-
-    root = tmp_path_factory.mktemp("original")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ALIGNFLOW_ROOT", str(root))
-    summary = alignflow(overrides=TINY)
-    yield root, summary["mlflow_run_id"]
-    mp.undo()
+    with pipeline_store(tmp_path_factory.mktemp("original"), TINY) as (root, summary):
+        yield root, summary["mlflow_run_id"]
 
 
 def test_the_cli_reproduces_the_embedded_default_exactly(recorded, tmp_path):

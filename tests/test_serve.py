@@ -21,14 +21,10 @@ import yaml
 from flows.naming import run_name
 from flows.prefect_run import SUMMARY_KEY, mlflow_run_link, pipeline_of
 from flows.serve import NO_SERVER, ScheduleError, check_overrides, load_schedule, main
-from tests.helpers import cli_env, free_port, stop_group
+from tests.helpers import TINY, cli_env, free_port, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preference=300",
-        "data.embedded.n_eval_preference=100", "data.embedded.n_prompts=64", "data.embedded.n_eval_prompts=32",
-        "sft.args.num_train_epochs=1", "reward.args.num_train_epochs=1", "rl.total_updates=3",
-        "eval.max_prompts=32", "num_threads=1"]  # fmt: skip
 STAGES = ["data", "sft", "reward", "ppo", "eval"]
 
 

@@ -24,13 +24,9 @@ from flows.naming import run_name, run_params, short_keys
 from flows.stages import detail_metrics, headline_metrics
 from flows.sweep import SWEEP_ENV, SweepCallback, swept
 from flows.tracking import init_tracking
-from tests.helpers import cli_env
+from tests.helpers import TINY, cli_env
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preference=300",
-        "data.embedded.n_eval_preference=100", "data.embedded.n_prompts=64", "data.embedded.n_eval_prompts=32",
-        "sft.args.num_train_epochs=1", "reward.args.num_train_epochs=1", "rl.total_updates=3", "eval.max_prompts=32",
-        "num_threads=1"]
 # Hand-made sweep: gold gain follows Gao et al.'s R(d) = d(1 − 0.5 ln d), peaking at d = e (KL ≈ 7.39), while the
 # proxy keeps rising; the gold falls after d = 3 (KL 9, kl_coef 0.05), which therefore wins.
 COEFS = (0.4, 0.2, 0.1, 0.05, 0.02, 0.01)

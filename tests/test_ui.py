@@ -18,15 +18,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.helpers import TINY as HELPER_TINY
 from tests.helpers import cli_env, free_port, stop_group
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preference=300",
-        "data.embedded.n_eval_preference=100", "data.embedded.n_prompts=64", "data.embedded.n_eval_prompts=32",
-        "sft.args.num_train_epochs=1", "reward.args.num_train_epochs=1", "rl.total_updates=3", "eval.max_prompts=32",
-        "num_threads=1", "registry.margin=0.0"]  # fmt: skip
+TINY = [*HELPER_TINY, "registry.margin=0.0"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
