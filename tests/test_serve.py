@@ -192,6 +192,20 @@ def next_scheduled(client, deployment_id, timeout: float = 60):
     raise AssertionError("the scheduler planned no run for the deployment")
 
 
+def read_logs_until(client, log_filter, line_start: str, timeout: float = 60) -> list:
+    """Every log of a run, page by page (the API returns at most 200 per call), polled until one starting
+    with `line_start` is in: the runner ships logs in batches, so the last lines can land after the run ends."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs, page = [], None
+        while page is None or len(page) == 200:
+            page = client.read_logs(log_filter, limit=200, offset=len(logs))
+            logs += page
+        if any(entry.message.startswith(line_start) for entry in logs) or time.monotonic() > deadline:
+            return logs
+        time.sleep(1)
+
+
 @pytest.mark.server
 def test_served_deployment_runs_named_tagged_logged_and_tracked(served):
     """A scheduled deployment on a real server, triggered through the API, completes as one pipeline run:
@@ -217,7 +231,8 @@ def test_served_deployment_runs_named_tagged_logged_and_tracked(served):
 
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        logs = read_logs_until(client, LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                               "pipeline rlhf finished after")
         planned = next_scheduled(client, deployment.id)  # the cron schedule at work: next 03:00 UTC
         assert (planned.expected_start_time.hour, planned.expected_start_time.minute) == (3, 0)
         assert planned.parameters == {"overrides": TINY} and "test-schedule" in planned.tags
