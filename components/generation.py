@@ -58,6 +58,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, T)
     ended_with_eos: torch.Tensor  # (B,) bool
     texts: list[str]  # decoded completions, special tokens skipped
+    scores: TokenScores | None = None  # the sampler's own view of its tokens, when asked for
 
     @property
     def n_prompt(self) -> int:
@@ -78,6 +79,17 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         """Number of real completion tokens per row (EOS included)."""
         return self.completion_mask.sum(dim=1)
+
+
+@dataclass
+class TokenScores:
+    """What the sampling model computed for each completion token while generating it, so PPO needs no second
+    policy forward: log-probability and entropy under softmax(logits / temperature) (0 where masked) and the last
+    hidden state of the position that predicted the token (for a value head)."""
+
+    logprobs: torch.Tensor  # (B, T)
+    entropy: torch.Tensor  # (B, T)
+    hidden: torch.Tensor  # (B, T, H)
 
 
 @dataclass
@@ -130,8 +142,10 @@ def _generate_chunk(
     attention_mask: torch.Tensor,
     max_new_tokens: int,
     temperature: float,
-) -> torch.Tensor:
-    """Plain ancestral sampling (no top-k/top-p/penalties) for one chunk; returns only the new tokens."""
+    keep_scores: bool,
+) -> tuple[torch.Tensor, TokenScores | None]:
+    """Plain ancestral sampling (no top-k/top-p/penalties) for one chunk; returns the new tokens and, if
+    `keep_scores`, their log-probs, entropies and predicting hidden states from the generation steps themselves."""
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -146,8 +160,28 @@ def _generate_chunk(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=keep_scores,
+        output_hidden_states=keep_scores,
     )
-    return out[:, input_ids.shape[1] :]
+    tokens = out.sequences[:, input_ids.shape[1] :]
+    if not keep_scores:
+        return tokens, None
+    logits = torch.stack(out.logits, dim=1)  # (B, T, V): raw logits of each step, before temperature
+    stats = completion_token_stats(logits, tokens, torch.ones_like(tokens), temperature, return_entropy=True)
+    hidden = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)  # last layer, predicting position
+    return tokens, TokenScores(stats.logprobs, stats.entropy, hidden)
+
+
+def _join_scores(parts: list[TokenScores | None], width: int, mask: torch.Tensor) -> TokenScores | None:
+    """One TokenScores for the whole batch: chunks padded to `width` columns, zero where `mask` is 0."""
+    if parts[0] is None:
+        return None
+    pad = [width - part.logprobs.shape[1] for part in parts]  # type: ignore[union-attr]
+    logprobs = torch.cat([F.pad(p.logprobs, (0, n)) for p, n in zip(parts, pad, strict=True)]) * mask
+    entropy = torch.cat([F.pad(p.entropy, (0, n)) for p, n in zip(parts, pad, strict=True)]) * mask
+    hidden = torch.cat([F.pad(p.hidden, (0, 0, 0, n)) for p, n in zip(parts, pad, strict=True)])
+    return TokenScores(logprobs, entropy, hidden)
 
 
 def sample_completions(
@@ -158,12 +192,14 @@ def sample_completions(
     temperature: float,
     batch_size: int,
     generator_seed: int | None,
+    keep_scores: bool = False,
 ) -> Rollout:
     """Sample one completion per prompt, `batch_size` prompts per `generate` call, with the KV cache.
 
     Sampling is plain (top_k=0, top_p=1) so the tokens follow softmax(logits / temperature), the distribution
     PPO's log-probabilities assume. `generator_seed` makes sampling reproducible without disturbing the
-    caller's RNG stream; None uses the global RNG as it stands.
+    caller's RNG stream; None uses the global RNG as it stands. `keep_scores` also returns the sampler's
+    per-token `TokenScores` (what a policy forward over the rollout would compute, without running it).
     """
     device = model.device
     enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
@@ -171,22 +207,27 @@ def sample_completions(
     with _seeded(generator_seed, device), torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             rows = slice(start, start + batch_size)
-            chunks.append(
-                _generate_chunk(
-                    model,
-                    tokenizer,
-                    enc.input_ids[rows],
-                    enc.attention_mask[rows],
-                    max_new_tokens,
-                    temperature,
-                )
-            )
-    width = max(chunk.shape[1] for chunk in chunks)
+            chunks.append(_generate_chunk(model, tokenizer, enc.input_ids[rows], enc.attention_mask[rows],
+                                          max_new_tokens, temperature, keep_scores))  # fmt: skip
+    width = max(tokens.shape[1] for tokens, _ in chunks)
     pad_id = tokenizer.pad_token_id
-    raw = torch.cat([F.pad(chunk, (0, width - chunk.shape[1]), value=pad_id) for chunk in chunks])
+    raw = torch.cat([F.pad(tokens, (0, width - tokens.shape[1]), value=pad_id) for tokens, _ in chunks])
     ids, mask, ended = mask_after_eos(raw, tokenizer.eos_token_id, pad_id)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return Rollout(enc.input_ids, enc.attention_mask, ids, mask, ended, texts)
+    scores = _join_scores([part for _, part in chunks], width, mask)
+    return Rollout(enc.input_ids, enc.attention_mask, ids, mask, ended, texts, scores)
+
+
+def with_final_eos(rollout: Rollout, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` of prompt + completion + EOS for every row: completions cut at the token
+    limit get the EOS they never sampled (as a reward model saw `prompt + completion + eos` in training)."""
+    ids = F.pad(rollout.input_ids, (0, 1), value=pad_token_id)
+    mask = F.pad(rollout.attention_mask, (0, 1), value=0)
+    rows = torch.nonzero(~rollout.ended_with_eos).squeeze(1)
+    end = rollout.n_prompt + rollout.lengths[rows]
+    ids[rows, end] = eos_token_id
+    mask[rows, end] = 1
+    return ids, mask
 
 
 def sample(

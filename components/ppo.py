@@ -10,6 +10,7 @@ are separate functions so they can be checked against hand-computed values. Ever
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -26,8 +27,9 @@ from components.generation import (
     position_ids_from_mask,
     sample_completions,
     sequence_logprobs,
+    with_final_eos,
 )
-from components.hooks import RewardFn, StepLogger
+from components.hooks import RewardFn, StepLogger, TokenRewardFn
 from components.modeling import load_causal_lm, load_tokenizer, resolve_device
 
 VARIANCE_EPS = 1e-8  # numerical floor in whitening, not a tunable
@@ -216,17 +218,29 @@ class ValueHeadModel(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         disable_dropout(self.lm)
+        self.can_trim = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits (B, L, V), values (B, L)); position ids come from the mask (left padding)."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, values) for the last `keep` positions, shapes (B, keep, V) and (B, keep); all positions
+        when `keep` is 0. Position ids come from the mask (left padding). The LM head skips the positions not kept
+        where the model supports it (transformers' `logits_to_keep`)."""
+        extra = {"logits_to_keep": keep} if keep and self.can_trim else {}
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             output_hidden_states=True,
+            **extra,
         )
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
-        return out.logits, values.float()
+        hidden = out.hidden_states[-1][:, -keep:] if keep else out.hidden_states[-1]
+        logits = out.logits[:, -keep:] if keep else out.logits
+        return logits, self.values(hidden)
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Values (B, L) in float32 from last-layer hidden states (B, L, H)."""
+        return self.value_head(hidden).squeeze(-1).float()
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -347,26 +361,35 @@ def policy_forward(
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Completion-token (logprobs, values, entropy) from one policy forward; values[t] is V before token t."""
-    logits, values = policy(input_ids, attention_mask)
+    width = input_ids.shape[1] - n_prompt
+    logits, values = policy(input_ids, attention_mask, keep=width + 1)  # the positions that predict completions
     stats = completion_token_stats(
-        logits[:, n_prompt - 1 : -1], input_ids[:, n_prompt:], completion_mask, temperature, return_entropy
+        logits[:, :-1], input_ids[:, n_prompt:], completion_mask, temperature, return_entropy
     )
-    return stats.logprobs, values[:, n_prompt - 1 : -1] * completion_mask, stats.entropy
+    return stats.logprobs, values[:, :-1] * completion_mask, stats.entropy
 
 
 @torch.no_grad()
 def _score_rollout(
     policy: ValueHeadModel, ref: PreTrainedModel, rollout: Rollout, settings: PPOSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Old log-probs, old values, reference log-probs and entropies for a rollout, in chunks, without grad."""
+    """Old log-probs, old values, reference log-probs and entropies for a rollout, in chunks, without grad.
+
+    The policy's own numbers come from the sampler (`rollout.scores`) when it kept them: the generation steps
+    already ran the policy over every completion position, so only the reference needs a forward.
+    """
     ids, attn, n_prompt = rollout.input_ids, rollout.attention_mask, rollout.n_prompt
     parts = []
     for start in range(0, ids.shape[0], settings.rollout_batch_size):
         rows = slice(start, start + settings.rollout_batch_size)
         mask = rollout.completion_mask[rows]
-        logprobs, values, entropy = policy_forward(
-            policy, ids[rows], attn[rows], n_prompt, mask, settings.temperature, True
-        )
+        if rollout.scores is None:
+            logprobs, values, entropy = policy_forward(
+                policy, ids[rows], attn[rows], n_prompt, mask, settings.temperature, True
+            )
+        else:
+            logprobs, entropy = rollout.scores.logprobs[rows], rollout.scores.entropy[rows]
+            values = policy.values(rollout.scores.hidden[rows]) * mask
         ref_stats = sequence_logprobs(ref, ids[rows], attn[rows], n_prompt, mask, settings.temperature, False)
         parts.append((logprobs, values, ref_stats.logprobs, entropy))
     logprobs, values, ref_logprobs, entropy = (torch.cat(column) for column in zip(*parts, strict=True))
@@ -409,15 +432,20 @@ def load_policy_and_reference(
 
 def _call_reward(
     reward_fn: RewardFn,
+    token_reward_fn: TokenRewardFn | None,
     prompts: list[str],
-    texts: list[str],
-    device: torch.device,
+    rollout: Rollout,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> torch.Tensor:
-    """Scores from `reward_fn` as a float tensor, checking there is one per completion."""
-    scores = reward_fn(prompts, texts)
-    if len(scores) != len(texts):
-        raise ValueError(f"reward_fn returned {len(scores)} scores for {len(texts)} completions")
-    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=device)
+    """Scores as a float tensor, one per completion: from token ids when `token_reward_fn` is given (the reward
+    model shares the policy's tokenizer), else from the decoded texts through `reward_fn`."""
+    if token_reward_fn is not None:
+        scores = token_reward_fn(*with_final_eos(rollout, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    else:
+        scores = reward_fn(prompts, rollout.texts)
+    if len(scores) != len(rollout.texts):
+        raise ValueError(f"the reward function returned {len(scores)} scores for {len(rollout.texts)} completions")
+    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=rollout.completion_ids.device)
 
 
 def _build_batch(
@@ -447,7 +475,7 @@ def _collect(
     ref: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
-    reward_fn: RewardFn,
+    rewards: tuple[RewardFn, TokenRewardFn | None],
     kl_coef: float,
     settings: PPOSettings,
     generation_seed: int,
@@ -456,11 +484,12 @@ def _collect(
     started = time.perf_counter()
     rollout = sample_completions(
         policy.lm, tokenizer, prompts, settings.max_new_tokens, settings.temperature,
-        settings.rollout_batch_size, generation_seed,
+        settings.rollout_batch_size, generation_seed, keep_scores=True,
     )  # fmt: skip
-    generation_seconds = time.perf_counter() - started
+    generated = time.perf_counter()
     scored = _score_rollout(policy, ref, rollout, settings)
-    raw_scores = _call_reward(reward_fn, prompts, rollout.texts, rollout.completion_ids.device)
+    raw_scores = _call_reward(*rewards, prompts, rollout, tokenizer)
+    scored_at = time.perf_counter()
     scores = apply_missing_eos_penalty(raw_scores, rollout.ended_with_eos, settings.missing_eos_penalty)
     batch, kl = _build_batch(rollout, scored, scores, kl_coef, settings)
     stats = torch.stack([
@@ -469,7 +498,8 @@ def _collect(
     ]).tolist()  # fmt: skip
     keys = ("mean_reward", "mean_score", "kl", "entropy", "mean_length", "eos_rate")
     metrics = {f"ppo/{key}": value for key, value in zip(keys, stats, strict=True)}
-    metrics |= {"ppo/kl_coef": float(kl_coef), "ppo/generation_seconds": generation_seconds}
+    metrics |= {"ppo/kl_coef": float(kl_coef), "ppo/generation_seconds": generated - started,
+                "ppo/scoring_seconds": scored_at - generated}
     return batch, metrics
 
 
@@ -549,17 +579,20 @@ def train_ppo(
     settings: PPOSettings,
     output_dir: str,
     on_log: StepLogger | None = None,
+    token_reward_fn: TokenRewardFn | None = None,
 ) -> dict[str, float]:
     """Run PPO from the checkpoint at `policy_path` (also the frozen KL reference) and save the result.
 
-    `reward_fn(prompts, completions)` returns one score per completion. `on_log(update, metrics)` is called
-    after every update (0-based index) with plain floats. Returns the last update's metrics.
+    `reward_fn(prompts, completions)` returns one score per completion; `token_reward_fn`, when given, scores
+    the sampled token ids instead (faster; only for a reward model with the policy's tokenizer).
+    `on_log(update, metrics)` is called after every update (0-based index) with plain floats. Returns the last
+    update's metrics.
     """
     torch.manual_seed(settings.seed)
     device = torch.device(resolve_device(settings.device))
     policy, ref, tokenizer = load_policy_and_reference(policy_path, device)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+    optimizer = torch.optim.Adam(params, lr=settings.learning_rate, fused=True)  # one kernel for all tensors
     kl_controller = make_kl_controller(settings)
     sampler = PromptSampler(len(prompts), settings.seed)
     shuffle_generator = torch.Generator().manual_seed(settings.seed + 1)
@@ -569,9 +602,12 @@ def train_ppo(
         batch_prompts = [prompts[i] for i in sampler.sample(settings.batch_size)]
         generation_seed = settings.seed * 1_000_003 + update
         batch, metrics = _collect(
-            policy, ref, tokenizer, batch_prompts, reward_fn, kl_controller.value, settings, generation_seed
+            policy, ref, tokenizer, batch_prompts, (reward_fn, token_reward_fn), kl_controller.value, settings,
+            generation_seed,
         )
+        optimising = time.perf_counter()
         metrics |= _optimise(policy, optimizer, params, batch, settings, shuffle_generator)
+        metrics["ppo/optimisation_seconds"] = time.perf_counter() - optimising
         kl_controller.update(metrics["ppo/kl"], settings.batch_size)
         metrics["ppo/update_seconds"] = time.perf_counter() - started
         if on_log is not None:

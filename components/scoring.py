@@ -2,13 +2,17 @@
 
 Texts are scored as `prompt + completion + eos_token`, the way TRL's RewardTrainer saw them in training, and
 are re-tokenised with the reward model's own tokenizer, so a reward model with another vocabulary than the
-policy works. Padding is on the right so positions match unpadded training rows.
+policy works. Padding is on the right so positions match unpadded training rows. When the policy shares the
+reward model's tokenizer, `token_scorer` scores the sampled token ids directly instead (no decode, re-tokenise).
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from components.generation import position_ids_from_mask
+from components.hooks import TokenRewardFn
 from components.modeling import load_reward_model, load_tokenizer
 
 
@@ -59,5 +63,31 @@ class RewardScorer:
                 return_tensors="pt",
             ).to(self.device)
             logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
+
+    def shares_tokenizer(self, other: PreTrainedTokenizerBase) -> bool:
+        """True when `other` gives every token the same id as ours, special tokens included."""
+        mine = self.tokenizer
+        same_specials = all(getattr(mine, f"{name}_token_id") == getattr(other, f"{name}_token_id")
+                            for name in ("eos", "pad", "bos"))  # fmt: skip
+        return same_specials and mine.get_vocab() == other.get_vocab()
+
+    def token_scorer(self, policy_tokenizer: PreTrainedTokenizerBase, batch_size: int) -> TokenRewardFn | None:
+        """A `TokenRewardFn` over this reward model for a policy with `policy_tokenizer`; None when the
+        tokenizers differ or texts are truncated (then only the text path scores what training saw)."""
+        if self.max_length is not None or not self.shares_tokenizer(policy_tokenizer):
+            return None
+        return lambda input_ids, attention_mask: self.score_ids(input_ids, attention_mask, batch_size)
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> list[float]:
+        """Reward for each row of token ids (any padding: positions come from the mask; the model reads the last
+        non-pad token), in batches of `batch_size`."""
+        scores: list[float] = []
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(self.device)
+            mask = attention_mask[start : start + batch_size].to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
             scores.extend(logits[:, 0].float().cpu().tolist())
         return scores

@@ -155,6 +155,7 @@ def _feedback(spec: dict[str, Any]) -> dict[str, Any]:
 
 def train_ppo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """PPO from the SFT checkpoint against the trained reward model."""
+    from components.modeling import load_tokenizer
     from components.ppo import PPOSettings
     from components.ppo import train_ppo as ppo
     from components.scoring import RewardScorer
@@ -169,7 +170,8 @@ def train_ppo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, f
         return scorer.score(p, c, rl["reward_batch_size"])
 
     settings = PPOSettings.from_config(rl)
-    metrics = ppo(_sft_model(spec), prompts, reward_fn, settings, str(stage_dir / "model"), logger)
+    token_reward_fn = scorer.token_scorer(load_tokenizer(_sft_model(spec)), rl["reward_batch_size"])
+    metrics = ppo(_sft_model(spec), prompts, reward_fn, settings, str(stage_dir / "model"), logger, token_reward_fn)
     _log_model_dir(spec, stage_dir / "model")
     return {k: float(v) for k, v in metrics.items()}
 

@@ -13,6 +13,7 @@ from components.generation import (
     position_ids_from_mask,
     sample_completions,
     sequence_logprobs,
+    with_final_eos,
 )
 from components.modeling import load_causal_lm, load_tokenizer
 from components.scoring import RewardScorer
@@ -132,3 +133,25 @@ def test_reward_scorer_appends_eos_and_is_padding_invariant(tiny_checkpoint):
     assert len(set(batched)) == len(batched)  # the head is random, so different texts score differently
     with pytest.raises(ValueError):
         scorer.score(prompts, completions[:2], batch_size=2)
+
+
+def test_token_scorer_scores_sampled_ids_like_the_text_path(eos_prone, tiny_checkpoint):
+    """Scoring the sampled ids (+ EOS where the limit cut a completion) gives the text path's reward wherever
+    re-tokenising the decoded text gives the same tokens back; another vocabulary falls back to texts."""
+    model, tokenizer = eos_prone
+    scorer = RewardScorer(tiny_checkpoint, "cpu", None)
+    out = sample_completions(model, tokenizer, PROMPTS * 3, 6, 1.0, 5, generator_seed=1)
+    assert out.ended_with_eos.any() and not out.ended_with_eos.all()
+    ids, mask = with_final_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert (ids[mask.bool()] == tokenizer.eos_token_id).sum() == len(PROMPTS) * 3  # exactly one EOS per row
+    by_ids = scorer.token_scorer(tokenizer, batch_size=4)(ids, mask)
+    by_text = scorer.score(PROMPTS * 3, out.texts, batch_size=4)
+    same = [i for i, text in enumerate(scorer.texts(PROMPTS * 3, out.texts))
+            if tokenizer(text).input_ids == ids[i][mask[i].bool()].tolist()]  # fmt: skip
+    assert same, "no completion re-tokenised to its own ids: the check would be empty"
+    assert [by_ids[i] for i in same] == pytest.approx([by_text[i] for i in same], abs=1e-5)
+
+    other = load_tokenizer(tiny_checkpoint)
+    other.add_tokens(["zzz-new-token"])
+    assert scorer.token_scorer(other, batch_size=4) is None
+    assert RewardScorer(tiny_checkpoint, "cpu", max_length=16).token_scorer(tokenizer, 4) is None

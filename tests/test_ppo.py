@@ -195,6 +195,35 @@ def test_select_rows_trims_shared_padding_without_changing_logprobs(tiny_checkpo
     torch.testing.assert_close(again_values, mini.old_values)
 
 
+def test_sampler_scores_match_a_policy_forward_over_the_rollout(tiny_checkpoint):
+    """The log-probs, entropies and values PPO takes from the generation steps are what a full forward computes."""
+    policy = ValueHeadModel(load_causal_lm(tiny_checkpoint)).eval()
+    torch.nn.init.normal_(policy.value_head.weight)  # non-zero values, so the check means something
+    prompts = ["the cat", "a", "the big red dog ran under a small blue log", "very good", "x y"]
+    out = sample_completions(policy.lm, load_tokenizer(tiny_checkpoint), prompts, 7, 0.7, 3, 0, keep_scores=True)
+    mask = out.completion_mask.float()
+    with torch.no_grad():
+        logprobs, values, entropy = policy_forward(
+            policy, out.input_ids, out.attention_mask, out.n_prompt, mask, 0.7, True
+        )
+        sampled_values = policy.values(out.scores.hidden) * mask
+    torch.testing.assert_close(out.scores.logprobs, logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.scores.entropy, entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sampled_values, values, atol=1e-4, rtol=1e-4)
+    assert (out.scores.logprobs[mask == 0] == 0).all()
+
+
+def test_value_head_model_keeps_only_the_last_positions(tiny_checkpoint):
+    policy = ValueHeadModel(load_causal_lm(tiny_checkpoint)).eval()
+    ids, mask = torch.tensor([[0, 5, 6, 7, 9], [8, 9, 10, 11, 12]]), torch.tensor([[0, 1, 1, 1, 1], [1] * 5])
+    with torch.no_grad():
+        logits, values = policy(ids, mask)
+        kept, kept_values = policy(ids, mask, keep=3)
+    assert policy.can_trim and kept.shape == (2, 3, logits.shape[-1])
+    torch.testing.assert_close(kept, logits[:, -3:])
+    torch.testing.assert_close(kept_values, values[:, -3:])
+
+
 def test_prompt_sampler_covers_every_prompt_each_pass():
     sampler = PromptSampler(5, seed=0)
     assert sorted(sampler.sample(5)) == [0, 1, 2, 3, 4]
