@@ -145,3 +145,8 @@ def resolve_device(device: str) -> str:
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of parameters, for logging the model size."""
     return sum(p.numel() for p in model.parameters())
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    """Number of parameters the optimiser updates (LoRA: the adapters, not the frozen base)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -6,14 +6,22 @@ advantages with GAE from a value head on the policy's own body, and takes severa
 steps on shuffled mini-batches. The pure pieces (masked statistics, KL estimates, GAE, losses, KL controllers)
 are separate functions so they can be checked against hand-computed values. Every hyperparameter comes from
 `PPOSettings`.
+
+Under `accelerate launch` (WORLD_SIZE > 1) every process runs the same `train_ppo` call as data parallel: all draw
+the same global batch of prompt indices and roll out their own slice; advantage whitening, the KL fed to the
+controller and the logged metrics are taken over all processes; each mini-batch step sums the processes'
+gradients, each weighted by its share of the mini-batch's tokens (the gradient one process would get from the
+whole global mini-batch); only the main process saves. `batch_size` and `mini_batch_size` stay global. Outside a
+launcher (`Processes()`: one process) every reduction returns its input: the numbers are the one-process ones.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,34 +43,143 @@ from components.modeling import load_causal_lm, load_tokenizer, resolve_device
 VARIANCE_EPS = 1e-8  # numerical floor in whitening, not a tunable
 ADAPTIVE_KL_ERROR_CLIP = 0.2  # Ziegler et al. 2019 clip the proportional error to ±0.2
 KL_ESTIMATORS = ("k1", "k2", "k3")
+GRAD_BUCKET_NUMEL = 2**25  # gradient elements per all-reduce (128 MiB in float32): bounds the extra memory
+
+
+# --------------------------------------------------------------------------------------------- data parallel
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the data-parallel processes of a launched run, and reductions over them.
+
+    The default is one process (rank 0 of 1): every reduction then returns its input untouched, so a run outside
+    a launcher computes bit for bit what it computed before data parallelism existed.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs and saves."""
+        return self.rank == 0
+
+    def split(self, size: int, name: str) -> int:
+        """This process's part of a global batch size; refuses one that does not divide (names the field)."""
+        if size % self.world_size:
+            raise ValueError(f"{name} = {size} is invalid: it is global, split over {self.world_size} processes: "
+                             f"use a multiple of {self.world_size}")
+        return size // self.world_size
+
+    def shard(self, items: list[int]) -> list[int]:
+        """This process's contiguous slice of a list every process holds in full, in the same order."""
+        size = self.split(len(items), "the number of items")
+        return items[self.rank * size : (self.rank + 1) * size]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes, detached (no gradient crosses processes); itself in one process."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` averaged over the processes; itself in one process."""
+        return tensor if self.world_size == 1 else self.sum(tensor) / self.world_size
+
+    def token_share(self, mask: torch.Tensor) -> torch.Tensor | float:
+        """This process's fraction of all processes' tokens where `mask` is 1 (exactly 1.0 in one process)."""
+        if self.world_size == 1:
+            return 1.0
+        count = mask.to(torch.float32).sum()
+        return count / self.sum(count).clamp(min=1)
+
+    def sum_gradients(self, params: list[nn.Parameter]) -> None:
+        """Replace every gradient by its sum over the processes, a bucket of tensors per all-reduce."""
+        if self.world_size == 1:
+            return
+        for param in params:
+            if param.grad is None:  # every process must send the same buckets
+                param.grad = torch.zeros_like(param)
+        for bucket in _buckets([p.grad for p in params], GRAD_BUCKET_NUMEL):
+            flat = torch.cat([grad.reshape(-1) for grad in bucket])
+            torch.distributed.all_reduce(flat)
+            for grad, part in zip(bucket, flat.split([grad.numel() for grad in bucket]), strict=True):
+                grad.copy_(part.view_as(grad))
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive groups of `tensors` of at most `limit` elements each (a bigger tensor goes alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        if bucket and size + tensor.numel() > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += tensor.numel()
+    if bucket:
+        yield bucket
+
+
+ONE_PROCESS = Processes()
+
+
+def join_processes(device: str) -> tuple[Processes, torch.device]:
+    """This process's `Processes` and torch device. Under a launcher (WORLD_SIZE > 1) accelerate's `PartialState`
+    joins the process group (gloo on CPU, NCCL on GPUs) and gives each rank its own GPU; else one process on
+    `device` ("cpu", "cuda", "auto", …) resolved."""
+    resolved = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return ONE_PROCESS, torch.device(resolved)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=resolved == "cpu")
+    return Processes(state.process_index, state.num_processes), state.device
+
+
+def generation_seed(seed: int, update: int, rank: int) -> int:
+    """The sampling seed of one process's rollout in one update: rank 0 keeps the one-process seed, other ranks
+    get streams of their own. Torch's CPU generator keeps only a seed's low 32 bits, so the rank goes in at bit 20:
+    no two processes or updates of a run share a stream (up to 4096 processes and 2**20 updates)."""
+    return seed * 1_000_003 + update + (rank << 20)
 
 
 # ----------------------------------------------------------------------------------------------- pure pieces
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1, over everything or along `dim` (empty masks give 0, not NaN)."""
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, processes: Processes = ONE_PROCESS
+) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1, over everything (every process's entries: no gradient then, unless
+    one process) or along `dim` (empty masks give 0, not NaN)."""
     mask = mask.to(values.dtype)
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
+        return processes.sum((values * mask).sum()) / processes.sum(mask.sum()).clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool) -> torch.Tensor:
-    """Variance of `values` where `mask` is 1; `unbiased` applies Bessel's correction n / (n - 1)."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+def masked_var(
+    values: torch.Tensor, mask: torch.Tensor, unbiased: bool, processes: Processes = ONE_PROCESS
+) -> torch.Tensor:
+    """Variance of `values` where `mask` is 1 (over every process's entries); `unbiased` applies Bessel's
+    correction n / (n - 1)."""
+    mean = masked_mean(values, mask, processes=processes)
+    var = masked_mean((values - mean) ** 2, mask, processes=processes)
     if unbiased:
-        count = mask.to(values.dtype).sum()
+        count = processes.sum(mask.to(values.dtype).sum())
         var = var * count / (count - 1).clamp(min=1)
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool, processes: Processes = ONE_PROCESS
+) -> torch.Tensor:
     """Scale masked `values` to unit variance (and zero mean if `shift_mean`); masked-out entries become 0.
 
-    Whitened advantages keep the policy step size independent of the reward scale.
+    Whitened advantages keep the policy step size independent of the reward scale. The statistics cover every
+    process's entries, so a launched run whitens its global batch as one process would.
     """
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask, unbiased=True)
+    mean = masked_mean(values, mask, processes=processes)
+    var = masked_var(values, mask, unbiased=True, processes=processes)
     whitened = (values - mean) * torch.rsqrt(var + VARIANCE_EPS)
     if not shift_mean:
         whitened = whitened + mean
@@ -249,8 +366,8 @@ class PPOSettings:
     """Every PPO knob; no defaults on purpose (the run config fills them all)."""
 
     total_updates: int  # rollout + optimisation rounds
-    batch_size: int  # prompts (= completions) per rollout
-    mini_batch_size: int  # completions per optimiser step
+    batch_size: int  # prompts (= completions) per rollout, over all processes when launched
+    mini_batch_size: int  # completions per optimiser step, over all processes when launched
     ppo_epochs: int  # passes over each rollout
     learning_rate: float  # Adam, shared by policy and value head
     max_new_tokens: int
@@ -454,15 +571,17 @@ def _build_batch(
     scores: torch.Tensor,
     kl_coef: float,
     settings: PPOSettings,
+    processes: Processes = ONE_PROCESS,
 ) -> tuple[PPOBatch, torch.Tensor]:
-    """Per-token rewards, GAE and (optionally) whitened advantages; returns the batch and per-token KL."""
+    """Per-token rewards, GAE and (optionally) advantages whitened over all processes; returns the batch and
+    per-token KL."""
     logprobs, values, ref_logprobs, _ = scored
     mask = rollout.completion_mask.to(logprobs.dtype)
     kl = kl_estimate(logprobs, ref_logprobs, settings.kl_estimator) * mask
     rewards = build_token_rewards(scores, kl, mask, kl_coef)
     advantages, returns = compute_gae(rewards, values, mask, settings.gamma, settings.lam)
     if settings.whiten_advantages:
-        advantages = masked_whiten(advantages, mask, shift_mean=True)
+        advantages = masked_whiten(advantages, mask, shift_mean=True, processes=processes)
     batch = PPOBatch(
         rollout.input_ids, rollout.attention_mask, rollout.n_prompt, rollout.completion_ids, mask,
         logprobs, values, advantages, returns,
@@ -478,24 +597,27 @@ def _collect(
     rewards: tuple[RewardFn, TokenRewardFn | None],
     kl_coef: float,
     settings: PPOSettings,
-    generation_seed: int,
+    seed: int,
+    processes: Processes = ONE_PROCESS,
 ) -> tuple[PPOBatch, dict[str, float]]:
-    """Rollout phase: sample, score with policy/reference/reward, build the training batch and its metrics."""
+    """Rollout phase: sample, score with policy/reference/reward, build the training batch and its metrics (over
+    all processes: row means average exactly, as every process holds as many rows; entropy is a token mean)."""
     started = time.perf_counter()
     rollout = sample_completions(
         policy.lm, tokenizer, prompts, settings.max_new_tokens, settings.temperature,
-        settings.rollout_batch_size, generation_seed, keep_scores=True,
+        settings.rollout_batch_size, seed, keep_scores=True,
     )  # fmt: skip
     generated = time.perf_counter()
     scored = _score_rollout(policy, ref, rollout, settings)
     raw_scores = _call_reward(*rewards, prompts, rollout, tokenizer)
     scored_at = time.perf_counter()
     scores = apply_missing_eos_penalty(raw_scores, rollout.ended_with_eos, settings.missing_eos_penalty)
-    batch, kl = _build_batch(rollout, scored, scores, kl_coef, settings)
-    stats = torch.stack([
-        raw_scores.mean(), scores.mean(), kl.sum(dim=1).mean(), masked_mean(scored[3], batch.completion_mask),
+    batch, kl = _build_batch(rollout, scored, scores, kl_coef, settings, processes)
+    stats = processes.mean(torch.stack([
+        raw_scores.mean(), scores.mean(), kl.sum(dim=1).mean(),
+        masked_mean(scored[3], batch.completion_mask, processes=processes),
         batch.completion_mask.sum(dim=1).mean(), rollout.ended_with_eos.float().mean(),
-    ]).tolist()  # fmt: skip
+    ])).tolist()  # fmt: skip
     keys = ("mean_reward", "mean_score", "kl", "entropy", "mean_length", "eos_rate")
     metrics = {f"ppo/{key}": value for key, value in zip(keys, stats, strict=True)}
     metrics |= {"ppo/kl_coef": float(kl_coef), "ppo/generation_seconds": generated - started,
@@ -530,19 +652,28 @@ def _minibatch_step(
     params: list[nn.Parameter],
     mini: PPOBatch,
     settings: PPOSettings,
+    processes: Processes = ONE_PROCESS,
 ) -> torch.Tensor:
-    """One clipped PPO step on the mini-batch `mini`; returns its detached diagnostics (see _STEP_KEYS)."""
+    """One clipped PPO step on this process's part of a mini-batch; returns its detached diagnostics (see
+    _STEP_KEYS) weighted by its token share, so that their sum over processes is the global mini-batch's value.
+
+    Each process's loss is a mean over its own tokens; weighted by its share of the global mini-batch's tokens and
+    summed over processes, the gradients are those of the token mean over the whole global mini-batch.
+    """
     mask = mini.completion_mask
     logprobs, values, _ = policy_forward(
         policy, mini.input_ids, mini.attention_mask, mini.n_prompt, mask, settings.temperature, False
     )
     pg_loss, clipfrac, approx_kl = policy_loss(logprobs, mini.old_logprobs, mini.advantages, mask, settings.cliprange)
     vf_loss, vf_clipfrac = value_loss(values, mini.old_values, mini.returns, mask, settings.cliprange_value)
+    share = processes.token_share(mask)
     optimizer.zero_grad(set_to_none=True)
-    (pg_loss + settings.vf_coef * vf_loss).backward()
-    grad_norm = nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    ((pg_loss + settings.vf_coef * vf_loss) * share).backward()
+    processes.sum_gradients(params)
+    grad_norm = nn.utils.clip_grad_norm_(params, settings.max_grad_norm)  # of the summed gradient: same everywhere
     optimizer.step()
-    return torch.stack([pg_loss.detach(), vf_loss.detach(), clipfrac, approx_kl, vf_clipfrac, grad_norm.detach()])
+    diagnostics = [pg_loss.detach(), vf_loss.detach(), clipfrac, approx_kl, vf_clipfrac, grad_norm.detach()]
+    return torch.stack(diagnostics) * share
 
 
 def _optimise(
@@ -552,16 +683,18 @@ def _optimise(
     batch: PPOBatch,
     settings: PPOSettings,
     generator: torch.Generator,
+    processes: Processes = ONE_PROCESS,
 ) -> dict[str, float]:
-    """`ppo_epochs` passes over the batch in shuffled mini-batches; returns step-averaged diagnostics."""
+    """`ppo_epochs` passes over this process's batch in shuffled mini-batches of `settings.mini_batch_size` rows
+    (its part of each global mini-batch); returns step-averaged diagnostics over all processes."""
     n_rows = batch.input_ids.shape[0]
     steps = []
     for _ in range(settings.ppo_epochs):
         order = torch.randperm(n_rows, generator=generator).to(batch.input_ids.device)
         for start in range(0, n_rows, settings.mini_batch_size):
             rows = order[start : start + settings.mini_batch_size]
-            steps.append(_minibatch_step(policy, optimizer, params, select_rows(batch, rows), settings))
-    means = torch.stack(steps).mean(dim=0).tolist()
+            steps.append(_minibatch_step(policy, optimizer, params, select_rows(batch, rows), settings, processes))
+    means = processes.sum(torch.stack(steps).mean(dim=0)).tolist()
     return {f"ppo/{key}": value for key, value in zip(_STEP_KEYS, means, strict=True)}
 
 
@@ -586,31 +719,34 @@ def train_ppo(
     `reward_fn(prompts, completions)` returns one score per completion; `token_reward_fn`, when given, scores
     the sampled token ids instead (faster; only for a reward model with the policy's tokenizer).
     `on_log(update, metrics)` is called after every update (0-based index) with plain floats. Returns the last
-    update's metrics.
+    update's metrics. Under `accelerate launch` every process makes this same call (see the module docstring):
+    each rolls out its slice of every global batch, and only the main process saves.
     """
     torch.manual_seed(settings.seed)
-    device = torch.device(resolve_device(settings.device))
+    processes, device = join_processes(settings.device)
+    local = replace(settings, batch_size=processes.split(settings.batch_size, "batch_size"),
+                    mini_batch_size=processes.split(settings.mini_batch_size, "mini_batch_size"))
     policy, ref, tokenizer = load_policy_and_reference(policy_path, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate, fused=True)  # one kernel for all tensors
     kl_controller = make_kl_controller(settings)
-    sampler = PromptSampler(len(prompts), settings.seed)
+    sampler = PromptSampler(len(prompts), settings.seed)  # the same global draw in every process
     shuffle_generator = torch.Generator().manual_seed(settings.seed + 1)
     metrics: dict[str, float] = {}
     for update in range(settings.total_updates):
         started = time.perf_counter()
-        batch_prompts = [prompts[i] for i in sampler.sample(settings.batch_size)]
-        generation_seed = settings.seed * 1_000_003 + update
+        batch_prompts = [prompts[i] for i in processes.shard(sampler.sample(settings.batch_size))]
         batch, metrics = _collect(
-            policy, ref, tokenizer, batch_prompts, (reward_fn, token_reward_fn), kl_controller.value, settings,
-            generation_seed,
+            policy, ref, tokenizer, batch_prompts, (reward_fn, token_reward_fn), kl_controller.value, local,
+            generation_seed(settings.seed, update, processes.rank), processes,
         )
         optimising = time.perf_counter()
-        metrics |= _optimise(policy, optimizer, params, batch, settings, shuffle_generator)
+        metrics |= _optimise(policy, optimizer, params, batch, local, shuffle_generator, processes)
         metrics["ppo/optimisation_seconds"] = time.perf_counter() - optimising
         kl_controller.update(metrics["ppo/kl"], settings.batch_size)
         metrics["ppo/update_seconds"] = time.perf_counter() - started
         if on_log is not None:
             on_log(update, metrics)
-    save_policy(policy, tokenizer, output_dir)
+    if processes.is_main:
+        save_policy(policy, tokenizer, output_dir)
     return metrics

@@ -6,12 +6,17 @@ and metric tracking live in one place (the flow) and components stay free of tra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transformers import PrinterCallback, Trainer, TrainerCallback
+from accelerate.utils import is_peft_model
+from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback
 
 from components.hooks import StepLogger
+
+LoraSettings = dict[str, Any]
+"""`peft.LoraConfig` fields (r, lora_alpha, lora_dropout, target_modules, ...): LoRA instead of full fine-tuning."""
 
 
 class ForwardLogs(TrainerCallback):
@@ -53,17 +58,61 @@ def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
     return float(entries[-1][key]) if entries else float("nan")
 
 
-def train_and_save(trainer: Trainer, tokenizer, output_dir: str | Path, prefix: str) -> dict[str, float]:
+def lora_config(settings: LoraSettings | None, task_type: str) -> Any:
+    """A `peft.LoraConfig` from plain settings for a trainer's `peft_config` (None: train every weight).
+
+    `task_type` is CAUSAL_LM or SEQ_CLS; for SEQ_CLS PEFT also trains the new scalar head in full."""
+    if not settings:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type, **settings)
+
+
+def train_and_save(trainer: Trainer, tokenizer, output_dir: str | Path, prefix: str,
+                   load_base: Callable[[], PreTrainedModel] | None = None) -> dict[str, float]:
     """Train quietly, save model and tokenizer as a checkpoint in `output_dir`, return the run's summary:
-    `<prefix>/train_loss` (mean over the run), `<prefix>/train_seconds` and `<prefix>/steps`."""
+    `<prefix>/train_loss` (mean over the run), `<prefix>/train_seconds` and `<prefix>/steps`.
+
+    `load_base` loads the model the trainer started from: a LoRA model is saved merged into it."""
     result = quiet(trainer).train()
-    generation = getattr(trainer.model, "generation_config", None)
-    if generation is not None:  # sampling from the saved checkpoint must pad with the tokenizer's pad token
-        generation.pad_token_id = tokenizer.pad_token_id
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    save_checkpoint(trainer, tokenizer, output_dir, load_base)
     return {
         f"{prefix}/train_loss": float(result.training_loss),
         f"{prefix}/train_seconds": float(result.metrics.get("train_runtime", 0.0)),
         f"{prefix}/steps": float(result.global_step),
     }
+
+
+def save_checkpoint(trainer: Trainer, tokenizer, output_dir: str | Path,
+                    load_base: Callable[[], PreTrainedModel] | None = None) -> None:
+    """Save the trained model and its tokenizer as one plain checkpoint (written by the main process only; every
+    process calls it, so a sharded model is gathered first).
+
+    A LoRA (PEFT) model is saved merged: its adapter goes to the trainer's scratch folder (the trainer gathers it
+    under DDP, ZeRO or FSDP), then is merged into a fresh copy of the base from `load_base`. Later stages load
+    the result as any model, with no adapter code."""
+    if is_peft_model(trainer.model):
+        adapter = Path(trainer.args.output_dir) / "adapter"
+        trainer.save_model(str(adapter))
+        if not trainer.args.should_save:
+            return
+        if load_base is None:
+            raise ValueError("a LoRA model can only be saved merged: pass load_base, the model it started from")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_base(), str(adapter)).merge_and_unload()
+        _pad_generation(model, tokenizer)
+        model.save_pretrained(str(output_dir))
+    else:
+        _pad_generation(trainer.model, tokenizer)
+        trainer.save_model(str(output_dir))
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(str(output_dir))
+
+
+def _pad_generation(model: Any, tokenizer) -> None:
+    """Sampling from the saved checkpoint must pad with the tokenizer's pad token."""
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.pad_token_id = tokenizer.pad_token_id

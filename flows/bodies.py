@@ -103,16 +103,14 @@ def _base_model(spec: dict[str, Any], stage_dir: Path) -> str:
 
 def train_sft(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Build the embedded base model if asked, then fine-tune it on the demonstrations with TRL."""
-    from components import sft as sft_component
-
     cfg = spec["config"]["sft"]
     train = load_split(spec["upstream"].get("revise") or spec["upstream"]["data"], "sft")
     if cfg["max_train_samples"]:
         train = train.select(range(min(cfg["max_train_samples"], len(train))))
-    args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("sft", run_id, None, "sft/loss")
     base = _sft_model(spec) if "sft" in spec["upstream"] else _base_model(spec, stage_dir)
-    metrics = sft_component.train_sft(base, train, args, stage_dir / "model", logger)
+    metrics = _run_trainer(spec, stage_dir, "components.sft:train_sft", cfg["args"], logger, model_path=base,
+                           train=train)
     _log_model_dir(spec, stage_dir / "model")
     return metrics
 
@@ -120,16 +118,15 @@ def train_sft(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, f
 def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Train the reward model from the SFT checkpoint (or a given one); measure held-out pairwise accuracy."""
     from components.reward import pairwise_accuracy
-    from components.reward import train_reward_model as train_rm
     from components.scoring import RewardScorer
 
     cfg = spec["config"]["reward"]
     data = spec["upstream"]["data"]
     init = cfg["model_name_or_path"] or _sft_model(spec)
     pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
-    args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("reward", run_id, None, "reward/loss")
-    metrics = train_rm(init, pairs, args, stage_dir / "model", logger)
+    metrics = _run_trainer(spec, stage_dir, "components.reward:train_reward_model", cfg["args"], logger,
+                           init_path=init, train=pairs)
     scorer = RewardScorer(str(stage_dir / "model"), resolve_device(spec["config"]["device"]), None)
     metrics |= pairwise_accuracy(scorer, load_split(data, "preference_eval"), cfg["score_batch_size"])
     ceiling = data["metrics"].get("data/bayes_ceiling")
@@ -154,26 +151,31 @@ def _feedback(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_ppo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
-    """PPO from the SFT checkpoint against the trained reward model."""
-    from components.modeling import load_tokenizer
-    from components.ppo import PPOSettings
-    from components.ppo import train_ppo as ppo
-    from components.scoring import RewardScorer
+    """PPO from the SFT checkpoint against the trained reward model: in this process, or under `accelerate launch`
+    when the stage's config slice has an `accelerate` node (each process rolls out its slice of every global batch;
+    rank 0's logs come back through the logger; see components.ppo and flows.launch)."""
+    from flows.launch import call
 
-    rl = spec["config"]["rl"]
-    device = resolve_device(spec["config"]["device"])
-    scorer = RewardScorer(str(Path(spec["upstream"]["reward"]["path"]) / "model"), device, None)
     prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec))
-    logger = StageLogger("ppo", run_id, rl["total_updates"], "ppo/mean_reward", zero_based=True)
-
-    def reward_fn(p: list[str], c: list[str]) -> list[float]:
-        return scorer.score(p, c, rl["reward_batch_size"])
-
-    settings = PPOSettings.from_config(rl)
-    token_reward_fn = scorer.token_scorer(load_tokenizer(_sft_model(spec)), rl["reward_batch_size"])
-    metrics = ppo(_sft_model(spec), prompts, reward_fn, settings, str(stage_dir / "model"), logger, token_reward_fn)
+    logger = StageLogger("ppo", run_id, spec["config"]["rl"]["total_updates"], "ppo/mean_reward", zero_based=True)
+    metrics = call("components.ppo:train_ppo", ppo_arguments(spec, stage_dir, prompts), logger,
+                   spec["config"].get("accelerate"), stage_dir / "trainer" / "launch", spec["seed"])
     _log_model_dir(spec, stage_dir / "model")
     return {k: float(v) for k, v in metrics.items()}
+
+
+def ppo_arguments(spec: dict[str, Any], stage_dir: Path, prompts: list[str]) -> dict[str, Any]:
+    """`components.ppo:train_ppo`'s arguments as JSON and `$call` markers, built where PPO runs (here or in each
+    launched process): its settings from the `rl` node, and the reward model on that process's device, scoring
+    texts and, when the policy shares its tokenizer, the sampled token ids (one scorer for both)."""
+    rl, sft = spec["config"]["rl"], _sft_model(spec)
+    scorer = {"path": str(Path(spec["upstream"]["reward"]["path"]) / "model"), "device": spec["config"]["device"],
+              "batch_size": rl["reward_batch_size"]}
+    return {"policy_path": sft, "prompts": prompts,
+            "reward_fn": {"$call": "flows.launch:reward_fn", "kwargs": scorer},
+            "settings": {"$call": "components.ppo:PPOSettings.from_config", "args": [rl]},
+            "output_dir": str(stage_dir / "model"),
+            "token_reward_fn": {"$call": "flows.launch:token_reward_fn", "kwargs": {**scorer, "policy_path": sft}}}
 
 
 def evaluate_policy(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
@@ -219,17 +221,30 @@ def _sft_model(spec: dict[str, Any]) -> str:
 
 def train_dpo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """DPO from the SFT checkpoint (also its frozen reference) on the human- or AI-labelled pairs."""
-    from components.dpo import train_dpo as dpo
-
     cfg = spec["config"]["dpo"]
     pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
     if cfg["max_train_samples"]:
         pairs = pairs.select(range(min(cfg["max_train_samples"], len(pairs))))
-    args = instantiate(cfg["args"], output_dir=str(stage_dir / "trainer"))
     logger = StageLogger("dpo", run_id, None, "dpo/loss")
-    metrics = dpo(_sft_model(spec), pairs, args, stage_dir / "model", logger)
+    metrics = _run_trainer(spec, stage_dir, "components.dpo:train_dpo", cfg["args"], logger,
+                           sft_path=_sft_model(spec), train=pairs)
     _log_model_dir(spec, stage_dir / "model")
     return metrics
+
+
+def _run_trainer(spec: dict[str, Any], stage_dir: Path, entry: str, args: dict[str, Any], logger: StageLogger,
+                 **inputs: Any) -> dict[str, float]:
+    """Call a TRL stage's component (`module:function`) with its `args` node, `output_dir` and LoRA settings:
+    in this process, or under `accelerate launch` when the stage's config slice has an `accelerate` node (each
+    process then gets its share of the batch; rank 0's logs come back through `logger`; see flows.launch)."""
+    from flows.launch import call, instantiated, per_process_batch
+
+    accelerate, peft = spec["config"].get("accelerate"), spec["config"].get("peft")
+    lora = {k: v for k, v in peft.items() if k not in ("method", "stages")} if peft else None
+    trainer_dir = stage_dir / "trainer"  # scratch, outside the stage's manifest
+    kwargs = {**inputs, "args": instantiated(per_process_batch(args, accelerate), output_dir=str(trainer_dir)),
+              "output_dir": stage_dir / "model", "lora": lora}
+    return call(entry, kwargs, logger, accelerate, trainer_dir / "launch", spec["seed"])
 
 
 def train_rloo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:

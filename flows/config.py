@@ -19,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from components.generation import SamplingSettings
 from components.ppo import PPOSettings
 from components.promotion import DIRECTIONS
+from flows.launch import LAUNCHED_STAGES, launched
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OmegaConf.register_new_resolver("abspath", lambda p: str(Path(p).expanduser().resolve()), replace=True)
@@ -158,6 +159,26 @@ STAGE_RULES: dict[str, dict[str, tuple]] = {
 }
 
 
+#: The stages `peft=lora` can train (TRL trainers; our PPO trains every weight).
+LORA_STAGES = ("sft", "reward", "dpo")
+#: `conf/accelerate/` and `conf/peft/` (checked when the config has those groups; older recorded runs do not).
+ACCELERATE_RULES: dict[str, tuple] = {
+    "accelerate.num_processes": POSITIVE_INT,
+    "accelerate.config": (lambda v: v is None or isinstance(v, dict),
+                          "use a mapping (the keys of an accelerate config file), or null to train in-process"),
+}
+LORA_RULES: dict[str, tuple] = {
+    "peft.r": POSITIVE_INT,
+    "peft.lora_alpha": POSITIVE,
+    "peft.lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "use a probability in [0, 1)"),
+    "peft.target_modules": (lambda v: (isinstance(v, str) and v.strip() != "") or (
+        isinstance(v, list) and v != [] and all(isinstance(m, str) for m in v)),
+        "use all-linear or a list of module names, e.g. [c_attn, c_proj, c_fc] for GPT-2"),
+    "peft.stages": (lambda v: isinstance(v, list) and set(v) <= set(LORA_STAGES),
+                    f"use a list out of {list(LORA_STAGES)}"),
+}
+
+
 def trainer_stages(cfg: dict[str, Any]) -> list[str]:
     """The config nodes whose `args` this pipeline hands to a TRL trainer (sft, reward|dpo, rl for rloo/grpo)."""
     if cfg["pipeline"]["optimizer"] == "dpo":
@@ -187,11 +208,44 @@ def validate_config(cfg: dict[str, Any]) -> None:
         raise ConfigError("config field `model.name_or_path` is null and `model.init` is empty: set one of them")
     for stage in trainer_stages(cfg):
         _check_trainer_args(cfg, stage)
+    _check_scaling(cfg)
     if cfg["rl"]["algorithm"] == "ppo" and cfg["pipeline"]["optimizer"] == "rl":
         _settings("rl", PPOSettings, cfg["rl"])
     _settings("eval", SamplingSettings, cfg["eval"])
     _settings("revision", SamplingSettings, cfg["revision"])
     _settings("label.sampling", SamplingSettings, cfg["label"]["sampling"])
+
+
+def _check_scaling(cfg: dict[str, Any]) -> None:
+    """The `accelerate` and `peft` groups; a launched stage's batch must split evenly over its processes (the
+    per-process batch is per_device_train_batch_size / num_processes, PPO's rl.batch_size and rl.mini_batch_size
+    / num_processes, so the global batch stays as configured)."""
+    if "peft" in cfg:
+        _check(cfg, "peft.method", lambda v: v in {"none", "lora"}, "use peft=none or peft=lora")
+        for dotted, (ok, fix) in (LORA_RULES if cfg["peft"]["method"] == "lora" else {}).items():
+            _check(cfg, dotted, ok, fix)
+    if "accelerate" not in cfg:
+        return
+    for dotted, (ok, fix) in ACCELERATE_RULES.items():
+        _check(cfg, dotted, ok, fix)
+    n = cfg["accelerate"]["num_processes"]
+    if not launched(cfg["accelerate"]):
+        _check(cfg, "accelerate.num_processes", lambda v: v == 1, "accelerate=none trains in this one process; "
+               "choose an option that launches, e.g. accelerate=cpu_ddp (CPU) or accelerate=ddp (GPUs)")
+        return
+    split = [(f"{s}.args.per_device_train_batch_size", "batch") for s in trainer_stages(cfg) if s in LAUNCHED_STAGES]
+    if cfg["pipeline"]["optimizer"] == "rl" and cfg["rl"]["algorithm"] == "ppo":
+        split += [("rl.batch_size", "batch"), ("rl.mini_batch_size", "mini-batch")]
+    for dotted, what in split:
+        _check(cfg, dotted, lambda v, n=n: v % n == 0,
+               f"under accelerate it is the global {what}, split over accelerate.num_processes={n} processes: "
+               f"use a multiple of {n} (e.g. {dotted}={_multiple(select(cfg, dotted), n)}), "
+               "or another accelerate.num_processes")
+
+
+def _multiple(value: Any, n: int) -> int:
+    """The nearest multiple of `n` at or above `value` (n itself when value is not a number)."""
+    return n * max(1, -(-value // n)) if _integer(value) else n
 
 
 def _settings(group: str, cls: type, node: dict[str, Any]) -> Any:

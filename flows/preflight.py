@@ -65,6 +65,7 @@ def preflight(cfg: dict[str, Any]) -> None:
     if key in _PASSED:
         return
     check_machine(cfg)
+    check_scaling(cfg)
     check_trainer_args(cfg)
     check_judge(cfg)
     configs = check_models(cfg)
@@ -128,6 +129,62 @@ def check_machine(cfg: dict[str, Any]) -> None:
             if cfg[stage]["args"].get(flag):
                 raise _invalid(f"{stage}.args.{flag}", True, f"it needs a CUDA GPU ({why}); drop +trainer=gpu "
                                f"or set {stage}.args.{flag}=false")
+
+
+def check_scaling(cfg: dict[str, Any]) -> None:
+    """`accelerate`: the GPUs and packages a launching option needs; `peft`: the LoRA settings PEFT accepts."""
+    from flows.launch import launched
+
+    accelerate, peft = cfg.get("accelerate"), cfg.get("peft") or {"method": "none"}
+    if launched(accelerate):
+        _check_launch_machine(accelerate)
+        _warn_about_rl(cfg, accelerate)
+    if peft["method"] == "lora":
+        from components.training import lora_config
+
+        settings = {k: v for k, v in peft.items() if k not in ("method", "stages")}
+        try:
+            lora_config(settings, "CAUSAL_LM")
+        except Exception as err:  # unknown keys: TypeError; bad values: ValueError
+            raise ConfigError(f"config field `peft` (peft.LoraConfig) is rejected by PEFT: {_reason(err)}") from err
+
+
+def _warn_about_rl(cfg: dict[str, Any], accelerate: dict[str, Any]) -> None:
+    """Say what a launching option does not do for the RL stage: RLOO and GRPO stay in one process; our PPO is
+    plain data parallel, with whole models in every process, whatever sharding the option asks of TRL stages."""
+    from flows.launch import LAUNCHED_STAGES
+
+    if cfg["pipeline"]["optimizer"] != "rl":
+        return
+    algorithm = cfg["rl"]["algorithm"]
+    if algorithm != "ppo":
+        log.warning("accelerate=%s runs %s under `accelerate launch`; rl=%s still trains in one process",
+                    accelerate["name"], ", ".join(s for s in LAUNCHED_STAGES if s != "ppo"), algorithm)
+    elif accelerate["config"].get("distributed_type") in ("DEEPSPEED", "FSDP"):
+        log.warning("accelerate=%s shards sft, reward and dpo; rl=ppo runs data parallel with the whole policy, "
+                    "reference and reward model in each of its %s processes", accelerate["name"],
+                    accelerate["num_processes"])
+
+
+def _check_launch_machine(accelerate: dict[str, Any]) -> None:
+    """GPU processes need as many CUDA GPUs; DeepSpeed needs its package."""
+    from importlib.util import find_spec
+
+    import torch
+
+    kind, n = accelerate["config"].get("distributed_type"), accelerate["num_processes"]
+    if kind == "DEEPSPEED" and find_spec("deepspeed") is None:
+        raise _invalid("accelerate.config.distributed_type", kind, "the deepspeed package is not installed: "
+                       "`pip install deepspeed` into alignflow's environment (needs CUDA GPUs), or use "
+                       "accelerate=ddp or accelerate=fsdp")
+    if accelerate["config"].get("use_cpu"):
+        return
+    gpus = torch.cuda.device_count()
+    if gpus < n:
+        raise _invalid("accelerate.num_processes", n, f"accelerate={accelerate['name']} runs one process per GPU "
+                       f"and torch sees {gpus}; set accelerate.num_processes={gpus}" if gpus else
+                       f"accelerate={accelerate['name']} runs one process per GPU and torch sees none; use "
+                       "accelerate=cpu_ddp (CPU processes) or accelerate=none")
 
 
 def check_trainer_args(cfg: dict[str, Any]) -> None:

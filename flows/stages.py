@@ -26,6 +26,7 @@ from prefect import Task, task
 from flows import bodies
 from flows.cache import build_manifest, finished, fresh_stage_dir, stage_lock, write_done
 from flows.config import select
+from flows.launch import launched
 from flows.tracking import log_metrics, stage_run
 
 Body = Callable[[dict[str, Any], Path, str], dict[str, float]]
@@ -147,7 +148,33 @@ def _on_device(*keys: str) -> Callable[[Config], Config]:
 
 
 def _sft_config(cfg: Config) -> Config:
-    return {"model": cfg["model"], "sft": cfg["sft"], "seed": cfg["seed"]}
+    return {"model": cfg["model"], "sft": cfg["sft"], "seed": cfg["seed"], **_scaling("sft", cfg)}
+
+
+def _trainer(node: str) -> Callable[[Config], Config]:
+    """A TRL stage's slice: its node, the device and `_scaling`."""
+    return lambda cfg: {**_on_device(node)(cfg), **_scaling(node, cfg)}
+
+
+def _ppo_config(cfg: Config) -> Config:
+    """Our PPO's slice: `rl`, the device and `accelerate` when it launches (it has no LoRA)."""
+    return {**_on_device("rl")(cfg), **_launching(cfg)}
+
+
+def _launching(cfg: Config) -> Config:
+    """`{"accelerate": …}` when the option launches, else nothing (a default run keeps its keys)."""
+    accelerate = cfg.get("accelerate")
+    return {"accelerate": accelerate} if launched(accelerate) else {}
+
+
+def _scaling(node: str, cfg: Config) -> Config:
+    """`accelerate` when the stage runs under `accelerate launch`, `peft` when it trains LoRA adapters: present only
+    then, so a default run keeps its keys (and its cache)."""
+    peft = cfg.get("peft") or {"method": "none"}
+    extra = _launching(cfg)
+    if peft["method"] != "none" and node in peft.get("stages", ()):
+        extra["peft"] = peft
+    return extra
 
 
 def _with_gold(*keys: str) -> Callable[[Config], Config]:
@@ -180,12 +207,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("label", bodies.label_preferences, ("components.labeling", "components.judges"),
           _with_gold("label", "judge"), ("label/agreement_with_gold", "label/tie_rate"),
           _given("judge.settings.model", "judge.settings.path", "judge.settings.encoder")),
-    Stage("reward", bodies.train_reward_model, ("components.reward",), _on_device("reward"),
+    Stage("reward", bodies.train_reward_model, ("components.reward",), _trainer("reward"),
           ("reward/eval_accuracy", "reward/bayes_ceiling"), _given("reward.model_name_or_path")),
-    Stage("ppo", bodies.train_ppo, ("components.ppo",), _on_device("rl"), ("ppo/mean_reward", "ppo/kl")),
+    Stage("ppo", bodies.train_ppo, ("components.ppo",), _ppo_config, ("ppo/mean_reward", "ppo/kl")),
     Stage("rloo", bodies.train_rloo, ("components.trl_rl",), _on_device("rl"), ("rloo/mean_reward", "rloo/kl")),
     Stage("grpo", bodies.train_grpo, ("components.trl_rl",), _on_device("rl"), ("grpo/mean_reward", "grpo/kl")),
-    Stage("dpo", bodies.train_dpo, ("components.dpo",), _on_device("dpo"), ("dpo/accuracy", "dpo/rewards_margin")),
+    Stage("dpo", bodies.train_dpo, ("components.dpo",), _trainer("dpo"), ("dpo/accuracy", "dpo/rewards_margin")),
     Stage("eval", bodies.evaluate_policy, ("components.evaluate",), _with_gold("eval"),
           ("eval/win_rate_vs_sft", "eval/gold_reward_mean", "eval/gold_reward_mean_sft", "eval/kl_to_sft")),
     Stage("register", bodies.register_policy, ("components.promotion",),

@@ -1,24 +1,39 @@
-"""PPO pieces against hand-computed values, plus a short seeded run that must learn a toy reward."""
+"""PPO pieces against hand-computed values, plus a short seeded run that must learn a toy reward.
+
+Also the stand-ins tests/test_accelerate.py launches PPO with (`toy_reward`, `train_ppo_row_seeded`): they live
+here, where imports are light, because every launched process imports them.
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
+import zlib
+from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from components.generation import sample_completions
+from components import ppo
+from components.generation import Rollout, TokenScores, sample_completions
+from components.hooks import RewardFn
 from components.modeling import load_causal_lm, load_tokenizer
 from components.ppo import (
+    ONE_PROCESS,
     AdaptiveKLController,
     FixedKLController,
     PPOBatch,
     PPOSettings,
+    Processes,
     PromptSampler,
     ValueHeadModel,
+    _buckets,
     apply_missing_eos_penalty,
     build_token_rewards,
     compute_gae,
+    generation_seed,
     kl_estimate,
     masked_mean,
     masked_var,
@@ -269,3 +284,125 @@ def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_checkpoint, 
     assert logged[-1][1]["ppo/kl"] > 0 and logged[-1][1]["ppo/kl_coef"] != logged[0][1]["ppo/kl_coef"]
     reloaded = load_causal_lm(out_dir)
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
+
+
+def test_a_global_batch_that_does_not_split_is_refused_naming_the_field():
+    assert Processes(1, 4).split(64, "batch_size") == 16
+    with pytest.raises(ValueError, match=r"^mini_batch_size = 30 is invalid: it is global, split over 4 processes: "
+                                         r"use a multiple of 4$"):
+        Processes(1, 4).split(30, "mini_batch_size")
+
+
+# ------------------------------------------------------------------------------- data parallel (one process)
+def test_every_process_takes_its_slice_of_the_same_global_draw():
+    """Each process draws the same global indices from the same seed and keeps its contiguous slice: the slices
+    of all processes, in rank order, are the one-process draw, update after update."""
+    samplers = [PromptSampler(10, seed=3) for _ in range(3)]
+    for _ in range(4):  # passes wrap around: 6 of 10 per draw
+        draws = [sampler.sample(6) for sampler in samplers]
+        assert draws[0] == draws[1] == draws[2]
+        slices = [Processes(rank, 3).shard(draws[rank]) for rank in range(3)]
+        assert [len(part) for part in slices] == [2, 2, 2] and sum(slices, []) == draws[0]
+    assert Processes().shard([4, 1, 2]) == [4, 1, 2]
+    with pytest.raises(ValueError, match="split over 2 processes"):
+        Processes(0, 2).shard([1, 2, 3])
+
+
+def test_one_process_reductions_return_their_input():
+    """Outside a launcher every reduction is the identity (the same object), so the numbers are the old ones."""
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1, 1, 1, 0]])
+    assert ONE_PROCESS.sum(x) is x and ONE_PROCESS.mean(x) is x and ONE_PROCESS.token_share(mask) == 1.0
+    assert ONE_PROCESS == Processes(0, 1) and ONE_PROCESS.is_main and not Processes(1, 2).is_main
+    assert masked_mean(x, mask, processes=ONE_PROCESS).item() == pytest.approx(2.0)
+    assert masked_var(x, mask, unbiased=True, processes=ONE_PROCESS).item() == pytest.approx(1.0)
+    torch.testing.assert_close(masked_whiten(x, mask, True, ONE_PROCESS), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]))
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.full((3,), 2.0)
+    ONE_PROCESS.sum_gradients([param])
+    assert param.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_launching_needs_world_size_above_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert ppo.join_processes("cpu") == (ONE_PROCESS, torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # `accelerate launch` of one process: no process group either
+    assert ppo.join_processes("cpu") == (ONE_PROCESS, torch.device("cpu"))
+
+
+def test_gradients_go_in_buckets_of_bounded_size():
+    sizes = [3, 4, 10, 1, 1, 2]
+    buckets = list(_buckets([torch.zeros(n) for n in sizes], limit=5))
+    assert [[t.numel() for t in bucket] for bucket in buckets] == [[3], [4], [10], [1, 1, 2]]
+    assert list(_buckets([], limit=5)) == []
+
+
+def test_each_process_samples_with_a_seed_of_its_own():
+    assert generation_seed(7, 3, 0) == 7 * 1_000_003 + 3  # rank 0: the one-process seed, unchanged
+    seeds = {generation_seed(7, update, rank) % 2**32 for update in (0, 1, 2**20 - 1) for rank in range(4096)}
+    assert len(seeds) == 3 * 4096  # distinct where torch's CPU generator looks: the low 32 bits
+
+
+# ---------------------------------------------------------------------- stand-ins for the launched PPO tests
+def toy_reward() -> RewardFn:
+    """A `$call` factory: +1 per "the" in the completion (the toy reward of the learning test above)."""
+    return lambda prompts, completions: [float(c.count("the")) for c in completions]
+
+
+def row_seeded_sampler() -> Callable[..., Rollout]:
+    """A stand-in for `sample_completions` that samples every prompt alone, seeded by its text and the call count
+    (one call per update). The real sampler draws a batch's rows from one shared random stream, so a row's
+    completion depends on the rows around it, hence on how prompts are split over processes; here it depends on
+    the prompt, the update and the policy only, so one and two processes see the same rollouts."""
+    calls = itertools.count()
+
+    def sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed, keep_scores=False):
+        update = next(calls)
+        rows = [sample_completions(model, tokenizer, [prompt], max_new_tokens, temperature, 1,
+                                   zlib.crc32(prompt.encode()) + 1_000_003 * update, keep_scores)
+                for prompt in prompts]  # fmt: skip
+        return stack_rollouts(rows, tokenizer.pad_token_id)
+
+    return sample
+
+
+def stack_rollouts(rows: list[Rollout], pad_id: int) -> Rollout:
+    """One-row rollouts as one batch: prompts left-padded, completions and their scores right-padded."""
+    prompt, width = max(r.n_prompt for r in rows), max(r.completion_ids.shape[1] for r in rows)
+
+    def right(t: torch.Tensor, value: float = 0, inner: int = 0) -> torch.Tensor:
+        return F.pad(t, (0, 0) * inner + (0, width - t.shape[1]), value=value)
+
+    scores = None
+    if rows[0].scores is not None:
+        scores = TokenScores(*(torch.cat([right(getattr(r.scores, name), inner=name == "hidden") for r in rows])
+                               for name in ("logprobs", "entropy", "hidden")))  # fmt: skip
+    return Rollout(
+        torch.cat([F.pad(r.prompt_ids, (prompt - r.n_prompt, 0), value=pad_id) for r in rows]),
+        torch.cat([F.pad(r.prompt_mask, (prompt - r.n_prompt, 0)) for r in rows]),
+        torch.cat([right(r.completion_ids, pad_id) for r in rows]), torch.cat([right(r.completion_mask) for r in rows]),
+        torch.cat([r.ended_with_eos for r in rows]), sum((r.texts for r in rows), []), scores,
+    )  # fmt: skip
+
+
+def train_ppo_row_seeded(**kwargs) -> dict[str, float]:
+    """`train_ppo` with `row_seeded_sampler` in place of the real sampler: a launched entry point for tests."""
+    with mock.patch.object(ppo, "sample_completions", row_seeded_sampler()):
+        return ppo.train_ppo(**kwargs)
+
+
+def test_row_seeded_sampling_does_not_depend_on_the_batch(tiny_checkpoint):
+    """The premise of the launched PPO comparison: a prompt's completion and scores are the same whatever rows
+    share its batch, and what the stand-in returns is a well-formed batch (scores agree with a policy forward)."""
+    policy = ValueHeadModel(load_causal_lm(tiny_checkpoint)).eval()
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    prompts = ["the cat", "a", "the big red dog ran under a small blue log", "very good"]
+    whole = row_seeded_sampler()(policy.lm, tokenizer, prompts, 7, 1.0, 4, 0, keep_scores=True)
+    alone = row_seeded_sampler()(policy.lm, tokenizer, prompts[2:], 7, 1.0, 4, 1, keep_scores=True)
+    assert whole.texts[2:] == alone.texts and len(set(whole.texts)) > 1
+    mask = whole.completion_mask.float()
+    width = int(mask[2:].sum(dim=1).max())
+    torch.testing.assert_close(whole.scores.logprobs[2:, :width], alone.scores.logprobs[:, :width])
+    with torch.no_grad():
+        logprobs, _, _ = policy_forward(policy, whole.input_ids, whole.attention_mask, whole.n_prompt, mask, 1.0,
+                                        False)  # fmt: skip
+    torch.testing.assert_close(whole.scores.logprobs, logprobs, atol=1e-4, rtol=1e-4)
