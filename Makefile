@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser-deps run test test-crash test-server test-browser test-all lint bench clean
+.PHONY: setup browser-deps run test test-crash test-server test-cluster test-accelerate test-browser test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,14 @@ test-crash: setup
 test-server: setup
 	$(BIN)/pytest -q -m server $(PYTEST_ARGS)
 
+# PostgreSQL's server binaries (initdb, pg_ctl) must be on PATH; the test starts and removes its own cluster.
+test-cluster: setup
+	$(BIN)/pytest -q -m cluster $(PYTEST_ARGS)
+
+# SFT, reward, PPO and DPO and RLHF pipelines under `accelerate launch` in two CPU processes (gloo), one thread each.
+test-accelerate: setup
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m accelerate $(PYTEST_ARGS)
+
 # Debian's chromium for the browser tests (root, as on CI; a no-op where it is installed).
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update -qq && \
@@ -38,7 +46,7 @@ test-browser: setup browser-deps
 	$(BIN)/pytest -q -m browser $(PYTEST_ARGS)
 
 test-all: setup browser-deps
-	$(BIN)/pytest -q -m "slow or crash or server or browser or not (slow or crash or server or browser)" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "slow or crash or server or browser or cluster or accelerate or not (slow or crash or server or browser or cluster or accelerate)" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -22,8 +22,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from flows.config import CONF_DIR, ConfigError
+from flows.dispatch import register_launcher
 
 log = logging.getLogger("alignflow")
+register_launcher()  # `hydra/launcher=prefect` (flows/dispatch.py): Hydra needs it registered before it instantiates
 
 
 def fail(err: Exception) -> NoReturn:

@@ -81,7 +81,11 @@ class Pipeline:
                         (self.cfg["tracking"]["tracking_uri"], self.experiment_id, self.run_id))
         uri = self.cfg["tracking"]["tracking_uri"]
         mlflow_cli = Path(sys.executable).parent / "mlflow"  # the one installed beside alignflow (.venv/bin)
-        log.info("MLflow run %s; browse with:  %s ui --backend-store-uri %s", self.run_id, mlflow_cli, uri)
+        if uri.startswith(("http://", "https://")):  # a tracking server (tracking=server) serves its own UI
+            log.info("MLflow run %s: %s/#/experiments/%s/runs/%s", self.run_id, uri.rstrip("/"),
+                     self.experiment_id, self.run_id)
+        else:
+            log.info("MLflow run %s; browse with:  %s ui --backend-store-uri %s", self.run_id, mlflow_cli, uri)
         return {"mlflow_run_id": self.run_id, "seconds": total, "stages": self.results}
 
 

@@ -35,9 +35,11 @@ def init_tracking(tracking: dict[str, Any]) -> str:
     """Point MLflow at the configured store and return the experiment id (created with an explicit location).
 
     A new sqlite store is created (schema migrations) and the experiment looked up under a file lock beside the
-    database: processes starting together on a fresh root would otherwise race in MLflow's schema set-up.
+    database: processes starting together on a fresh root would otherwise race in MLflow's schema set-up. With
+    `artifact_root: null` (a tracking server) the server's own artifact store holds the experiment's artifacts.
     """
-    Path(tracking["artifact_root"]).mkdir(parents=True, exist_ok=True)
+    if tracking["artifact_root"]:
+        Path(tracking["artifact_root"]).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking["tracking_uri"])
     with _store_lock(tracking["tracking_uri"]):
         client = MlflowClient()
@@ -45,8 +47,23 @@ def init_tracking(tracking: dict[str, Any]) -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        location = (Path(tracking["artifact_root"]) / name).as_uri()
+        if not tracking["artifact_root"]:
+            return _create_experiment(client, name, None)
+        return _create_experiment(client, name, (Path(tracking["artifact_root"]) / name).as_uri())
+
+
+def _create_experiment(client: MlflowClient, name: str, location: str | None) -> str:
+    """Create experiment `name`; when another process created it first (jobs starting together on a tracking
+    server), return that one's id."""
+    from mlflow.exceptions import MlflowException
+
+    try:
         return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 @contextmanager
