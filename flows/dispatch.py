@@ -31,6 +31,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from flows.prefect_run import answering_api
 from flows.sweep import SWEEP_ENV
 
 log = logging.getLogger("alignflow")
@@ -136,22 +137,6 @@ def register_launcher() -> type:
     return alias
 
 
-def require_api() -> str:
-    """The configured Prefect API URL, once it answers (a temporary server has no workers)."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise DispatchError(NO_SERVER)
-    with get_client(sync_client=True) as client:
-        failure = client.api_healthcheck()
-    if failure is not None:
-        raise DispatchError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({failure}): start it or "
-                            "fix PREFECT_API_URL")
-    return url
-
-
 def deploy(name: str, pool: str) -> str:
     """Deploy the pipeline flow to work pool `pool` as `alignflow/<name>` (updated in place if it exists) and
     return the pool's type; warns when no worker polls the pool. The flow is referenced by module path and its
@@ -207,7 +192,7 @@ class PrefectLauncher(Launcher):
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         try:
-            url = require_api()
+            url = answering_api(DispatchError, NO_SERVER)
             threads = thread_split(self.cores, self.jobs_at_once, len(job_overrides))
             jobs = [self._job(initial_job_idx + i, list(o), threads) for i, o in enumerate(job_overrides)]
             kind = deploy(self.deployment, self.work_pool)

@@ -95,3 +95,21 @@ def publish_summary(results: list[dict[str, Any]], headline: dict[str, list[str]
         create_table_artifact(summary_rows(results, headline), key=SUMMARY_KEY, description=description)
     except Exception as err:  # noqa: BLE001 - the summary is also in the logs and in MLflow
         log.warning("could not attach the summary to Prefect flow run %s: %s", flow_run.id, err)
+
+
+def answering_api(error: type[Exception], missing: str) -> str:
+    """The configured Prefect API URL once it answers; raises `error` with `missing` when none is configured, or
+    with the health check's failure when the server does not answer (callers that need a real server: a temporary
+    one has no workers and no schedules)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise error(missing)
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise error(f"the Prefect server at PREFECT_API_URL={url} does not answer ({failure}): start it "
+                    "(`prefect server start`, see the README) or fix PREFECT_API_URL")
+    return url

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import CONF_DIR, ConfigError
+from flows.prefect_run import answering_api
 
 SCHEDULE_DIR = CONF_DIR / "schedule"
 ENTRY_KEYS = {"name", "cron", "interval", "timezone", "overrides", "tags", "description"}
@@ -138,22 +139,6 @@ def check_overrides(deployment: Deployment) -> str:
     return cfg["pipeline"]["name"]
 
 
-def require_server() -> str:
-    """The configured Prefect API URL, once it answers; refuses a temporary (ephemeral) server."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise ScheduleError(NO_SERVER)
-    with get_client(sync_client=True) as client:
-        failure = client.api_healthcheck()
-    if failure is not None:
-        raise ScheduleError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({failure}): start it "
-                            "(`prefect server start`, see the README) or fix PREFECT_API_URL")
-    return url
-
-
 def runner_deployments(deployments: list[Deployment], pipelines: list[str]) -> list[Any]:
     """Prefect deployments of the pipeline flow, tagged `alignflow`, the pipeline and the file's tags."""
     from prefect.deployments.runner import EntrypointType
@@ -188,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         print(describe(deployments, pipelines), flush=True)
         if args.dry_run:
             return
-        url = require_server()
+        url = answering_api(ScheduleError, NO_SERVER)
     except ScheduleError as err:
         print(f"alignflow-serve: {err}", file=sys.stderr)
         raise SystemExit(2) from err
