@@ -5,7 +5,8 @@ folder). Before any training the table is checked row by row, so a bad file fail
 that names the dataset, the column or the first bad row and field, and the columns that were expected, instead
 of failing deep inside a trainer. The normalisers return TRL's explicit-prompt formats (strings or message
 lists): `prompt`/`completion` (or `text`, `messages`) for SFT, `prompt`/`chosen`/`rejected` for reward models
-and DPO, `prompt` for on-policy RL.
+and DPO, `prompt` for on-policy RL. Ranked responses (`prompt`, `responses`, `ranks`, optional `annotator`;
+components/rankings.py) are accepted wherever pairs are: they become pairs, best-response demos or prompts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+
+from components.rankings import RankingSettings, best_responses, is_ranking, rankings_to_pairs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ STRING_ONLY_FIELDS = frozenset({"text"})
 MESSAGES_ONLY_FIELDS = frozenset({"messages"})
 
 Records = datasets.Dataset | Sequence[dict[str, Any]]
+#: How ranked responses become pairs when a config (an older recorded one) has no `data.rankings` node.
+DEFAULT_RANKINGS = {"pairs": "all", "ties": "drop"}
 
 
 class DatasetValidationError(ValueError):
@@ -412,6 +417,8 @@ def to_preference_records(records: Records, source: str) -> datasets.Dataset:
     """
     fmt = validate_records(records, source, "preference")
     pairs = _explicit_pairs(records, fmt)
+    if "annotator" in _columns_of(records):  # who labelled each pair (rankings from several annotators)
+        pairs["annotator"] = _column_values(records, ("annotator",))["annotator"]
     keep = [i for i, (c, r) in enumerate(zip(pairs["chosen"], pairs["rejected"], strict=True)) if c != r]
     return datasets.Dataset.from_dict({key: [values[i] for i in keep] for key, values in pairs.items()})
 
@@ -474,13 +481,37 @@ def sample_rows(records: Records, n: int, seed: int) -> Records:
     return train_eval_split(records, n, seed)[1]
 
 
-def _load_node(node: dict[str, Any], use: str, max_samples: int | None, seed: int) -> datasets.Dataset:
-    """Load one {path, name, split} config node, cap its rows, validate and normalise it for `use`."""
+def _read_node(node: dict[str, Any], max_samples: int | None, seed: int) -> tuple[datasets.Dataset, str]:
+    """Load one {path, name, split} config node and cap its rows; returns the table and its label for errors."""
     label = node["path"] if node["split"] is None else f"{node['path']} (split {node['split']})"
     table = load_table(node["path"], node["split"], node["name"])
     if max_samples is not None:
         table = sample_rows(table, max_samples, seed)
+    return table, label
+
+
+def _normalise(table: Records, label: str, use: str, rankings: RankingSettings) -> datasets.Dataset:
+    """Validate and normalise a table for `use`; ranked responses become pairs, demos or prompts first."""
+    if is_ranking(_columns_of(table)):
+        rows = table.to_list() if isinstance(table, datasets.Dataset) else list(table)
+        try:
+            if use == "preference":
+                table = rankings_to_pairs(rows, rankings, label)
+            else:
+                table = best_responses(rows, label) if use == "sft" else [{"prompt": r["prompt"]} for r in rows]
+        except ValueError as err:
+            raise DatasetValidationError(str(err)) from err
+        if not table:
+            raise DatasetValidationError(f"{label}: its rankings give no pairs (every ranking is one tie?): rank the "
+                                         "responses differently, or keep ties with data.rankings.ties=both")
     return NORMALISERS[use](table, label)
+
+
+def _load_node(node: dict[str, Any], use: str, max_samples: int | None, seed: int,
+               rankings: RankingSettings) -> datasets.Dataset:
+    """Load one {path, name, split} config node, cap its rows, validate and normalise it for `use`."""
+    table, label = _read_node(node, max_samples, seed)
+    return _normalise(table, label, use, rankings)
 
 
 @contextmanager
@@ -505,6 +536,28 @@ def _held_out(records: Records, fraction: int | float, seed: int, node: dict[str
         ) from err
 
 
+def _preference_splits(
+    cfg: dict[str, Any], rankings: RankingSettings
+) -> tuple[datasets.Dataset, datasets.Dataset, tuple[datasets.Dataset, datasets.Dataset] | None]:
+    """Training and held-out pairs; for rankings held out here, also their prompts, each ranked prompt once (its
+    pairs repeat it). Rankings are held out whole, so no prompt has pairs on both sides."""
+    seed, cap, fraction, node = cfg["seed"], cfg["max_samples"], cfg["eval_fraction"], cfg["preference"]
+    with _field("data.preference"):
+        table, label = _read_node(node, cap, seed)
+    if cfg["preference_eval"] is None and is_ranking(_columns_of(table)):
+        parts = _held_out(table, fraction, seed, node, "data.preference")
+        with _field("data.preference"):
+            train, held = (_normalise(part, label, "preference", rankings) for part in parts)
+            prompts = tuple(_normalise(part, label, "prompt", rankings) for part in parts)
+        return train, held, prompts  # type: ignore[return-value]
+    with _field("data.preference"):
+        preference = _normalise(table, label, "preference", rankings)
+    if cfg["preference_eval"] is None:
+        return (*_held_out(preference, fraction, seed, node, "data.preference"), None)
+    with _field("data.preference_eval"):
+        return preference, _load_node(cfg["preference_eval"], "preference", cap, seed, rankings), None
+
+
 def load_file_splits(cfg: dict[str, Any]) -> dict[str, datasets.Dataset]:
     """Every split of a user-data config (conf/data/files.yaml): sft, preference(_eval), (eval_)prompts.
 
@@ -512,22 +565,19 @@ def load_file_splits(cfg: dict[str, Any]) -> dict[str, datasets.Dataset]:
     plus `eval_fraction`, `max_samples` and `seed`. Without `preference_eval`, `eval_fraction` of the pairs is
     held out; without `prompts`, RL prompts come from the training pairs and evaluation prompts from the
     held-out pairs; with `prompts`, `eval_fraction` of them is held out. Everything is validated here; errors
-    name the config node (`data.sft`, …) and the file.
+    name the config node (`data.sft`, …) and the file. Ranked responses become pairs as `rankings` says.
     """
     seed, cap, fraction = cfg["seed"], cfg["max_samples"], cfg["eval_fraction"]
+    rankings = RankingSettings.from_config(cfg.get("rankings") or DEFAULT_RANKINGS)
     with _field("data.sft"):
-        sft = _load_node(cfg["sft"], "sft", cap, seed)
-    with _field("data.preference"):
-        preference = _load_node(cfg["preference"], "preference", cap, seed)
-    if cfg["preference_eval"] is not None:
-        with _field("data.preference_eval"):
-            preference_eval = _load_node(cfg["preference_eval"], "preference", cap, seed)
-    else:
-        preference, preference_eval = _held_out(preference, fraction, seed, cfg["preference"], "data.preference")
+        sft = _load_node(cfg["sft"], "sft", cap, seed, rankings)
+    preference, preference_eval, ranked_prompts = _preference_splits(cfg, rankings)
     if cfg["prompts"] is not None:
         with _field("data.prompts"):
-            all_prompts = _load_node(cfg["prompts"], "prompt", cap, seed)
+            all_prompts = _load_node(cfg["prompts"], "prompt", cap, seed, rankings)
         prompts, eval_prompts = _held_out(all_prompts, fraction, seed, cfg["prompts"], "data.prompts")
+    elif ranked_prompts is not None:
+        prompts, eval_prompts = ranked_prompts
     else:
         with _field("data.preference"):
             prompts = to_prompt_records(preference, "preference prompts")

@@ -19,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from components.generation import SamplingSettings
 from components.ppo import PPOSettings
 from components.promotion import DIRECTIONS
+from components.rankings import RankingSettings
 from flows.launch import LAUNCHED_STAGES, launched
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -211,6 +212,8 @@ def validate_config(cfg: dict[str, Any]) -> None:
     _check_scaling(cfg)
     if cfg["rl"]["algorithm"] == "ppo" and cfg["pipeline"]["optimizer"] == "rl":
         _settings("rl", PPOSettings, cfg["rl"])
+    if cfg["data"]["source"] == "files" and "rankings" in cfg["data"]:
+        _settings("data.rankings", RankingSettings, cfg["data"]["rankings"])
     _settings("eval", SamplingSettings, cfg["eval"])
     _settings("revision", SamplingSettings, cfg["revision"])
     _settings("label.sampling", SamplingSettings, cfg["label"]["sampling"])
