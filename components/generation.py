@@ -145,32 +145,40 @@ def _generate_chunk(
     keep_scores: bool,
 ) -> tuple[torch.Tensor, TokenScores | None]:
     """Plain ancestral sampling (no top-k/top-p/penalties) for one chunk; returns the new tokens and, if
-    `keep_scores`, their log-probs, entropies and predicting hidden states from the generation steps themselves."""
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        typical_p=1.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        return_dict_in_generate=True,
-        output_logits=keep_scores,
-        output_hidden_states=keep_scores,
-    )
+    `keep_scores`, their log-probs, entropies and predicting hidden states from the generation steps themselves.
+
+    The hidden states are the LM head's input at each step's last position, caught by a hook: no model keeps
+    every layer's states for the whole prompt (`output_hidden_states` would, at every step)."""
+    captured: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _, args: captured.append(args[0][:, -1])) if keep_scores else None
+    try:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=keep_scores,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
     tokens = out.sequences[:, input_ids.shape[1] :]
     if not keep_scores:
         return tokens, None
     logits = torch.stack(out.logits, dim=1)  # (B, T, V): raw logits of each step, before temperature
     stats = completion_token_stats(logits, tokens, torch.ones_like(tokens), temperature, return_entropy=True)
-    hidden = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)  # last layer, predicting position
-    return tokens, TokenScores(stats.logprobs, stats.entropy, hidden)
+    return tokens, TokenScores(stats.logprobs, stats.entropy, torch.stack(captured, dim=1))
 
 
 def _join_scores(parts: list[TokenScores | None], width: int, mask: torch.Tensor) -> TokenScores | None:
