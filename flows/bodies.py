@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,9 @@ def train_sft(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, f
         train = train.select(range(min(cfg["max_train_samples"], len(train))))
     logger = StageLogger("sft", run_id, None, "sft/loss")
     base = _sft_model(spec) if "sft" in spec["upstream"] else _base_model(spec, stage_dir)
-    metrics = _run_trainer(spec, stage_dir, "components.sft:train_sft", cfg["args"], logger, model_path=base,
+    from components.sft import train_sft as sft
+
+    metrics = _run_trainer(spec, stage_dir, sft, cfg["args"], logger, model_path=base,
                            train=train)
     _log_model_dir(spec, stage_dir / "model")
     return metrics
@@ -118,6 +121,7 @@ def train_sft(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, f
 def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Train the reward model from the SFT checkpoint (or a given one); measure held-out pairwise accuracy."""
     from components.reward import pairwise_accuracy
+    from components.reward import train_reward_model as train_rm
     from components.scoring import RewardScorer
 
     cfg = spec["config"]["reward"]
@@ -125,7 +129,7 @@ def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> di
     init = cfg["model_name_or_path"] or _sft_model(spec)
     pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
     logger = StageLogger("reward", run_id, None, "reward/loss")
-    metrics = _run_trainer(spec, stage_dir, "components.reward:train_reward_model", cfg["args"], logger,
+    metrics = _run_trainer(spec, stage_dir, train_rm, cfg["args"], logger,
                            init_path=init, train=pairs)
     scorer = RewardScorer(str(stage_dir / "model"), resolve_device(spec["config"]["device"]), None)
     metrics |= pairwise_accuracy(scorer, load_split(data, "preference_eval"), cfg["score_batch_size"])
@@ -154,11 +158,12 @@ def train_ppo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, f
     """PPO from the SFT checkpoint against the trained reward model: in this process, or under `accelerate launch`
     when the stage's config slice has an `accelerate` node (each process rolls out its slice of every global batch;
     rank 0's logs come back through the logger; see components.ppo and flows.launch)."""
+    from components.ppo import train_ppo as ppo
     from flows.launch import call
 
     prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec))
     logger = StageLogger("ppo", run_id, spec["config"]["rl"]["total_updates"], "ppo/mean_reward", zero_based=True)
-    metrics = call("components.ppo:train_ppo", ppo_arguments(spec, stage_dir, prompts), logger,
+    metrics = call(ppo, ppo_arguments(spec, stage_dir, prompts), logger,
                    spec["config"].get("accelerate"), stage_dir / "trainer" / "launch", spec["seed"])
     _log_model_dir(spec, stage_dir / "model")
     return {k: float(v) for k, v in metrics.items()}
@@ -168,14 +173,17 @@ def ppo_arguments(spec: dict[str, Any], stage_dir: Path, prompts: list[str]) -> 
     """`components.ppo:train_ppo`'s arguments as JSON and `$call` markers, built where PPO runs (here or in each
     launched process): its settings from the `rl` node, and the reward model on that process's device, scoring
     texts and, when the policy shares its tokenizer, the sampled token ids (one scorer for both)."""
+    from components.ppo import PPOSettings
+    from flows.launch import reward_fn, token_reward_fn
+
     rl, sft = spec["config"]["rl"], _sft_model(spec)
     scorer = {"path": str(Path(spec["upstream"]["reward"]["path"]) / "model"), "device": spec["config"]["device"],
               "batch_size": rl["reward_batch_size"]}
     return {"policy_path": sft, "prompts": prompts,
-            "reward_fn": {"$call": "flows.launch:reward_fn", "kwargs": scorer},
-            "settings": {"$call": "components.ppo:PPOSettings.from_config", "args": [rl]},
+            "reward_fn": {"$call": reward_fn, "kwargs": scorer},
+            "settings": {"$call": PPOSettings.from_config, "args": [rl]},
             "output_dir": str(stage_dir / "model"),
-            "token_reward_fn": {"$call": "flows.launch:token_reward_fn", "kwargs": {**scorer, "policy_path": sft}}}
+            "token_reward_fn": {"$call": token_reward_fn, "kwargs": {**scorer, "policy_path": sft}}}
 
 
 def evaluate_policy(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
@@ -221,20 +229,22 @@ def _sft_model(spec: dict[str, Any]) -> str:
 
 def train_dpo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """DPO from the SFT checkpoint (also its frozen reference) on the human- or AI-labelled pairs."""
+    from components.dpo import train_dpo as dpo
+
     cfg = spec["config"]["dpo"]
     pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
     if cfg["max_train_samples"]:
         pairs = pairs.select(range(min(cfg["max_train_samples"], len(pairs))))
     logger = StageLogger("dpo", run_id, None, "dpo/loss")
-    metrics = _run_trainer(spec, stage_dir, "components.dpo:train_dpo", cfg["args"], logger,
+    metrics = _run_trainer(spec, stage_dir, dpo, cfg["args"], logger,
                            sft_path=_sft_model(spec), train=pairs)
     _log_model_dir(spec, stage_dir / "model")
     return metrics
 
 
-def _run_trainer(spec: dict[str, Any], stage_dir: Path, entry: str, args: dict[str, Any], logger: StageLogger,
-                 **inputs: Any) -> dict[str, float]:
-    """Call a TRL stage's component (`module:function`) with its `args` node, `output_dir` and LoRA settings:
+def _run_trainer(spec: dict[str, Any], stage_dir: Path, entry: Callable[..., dict], args: dict[str, Any],
+                 logger: StageLogger, **inputs: Any) -> dict[str, float]:
+    """Call a TRL stage's component function with its `args` node, `output_dir` and LoRA settings:
     in this process, or under `accelerate launch` when the stage's config slice has an `accelerate` node (each
     process then gets its share of the batch; rank 0's logs come back through `logger`; see flows.launch)."""
     from flows.launch import call, instantiated, per_process_batch

@@ -34,13 +34,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.hooks import RewardFn, TokenRewardFn
+from components.hooks import RewardFn, StepLogger, TokenRewardFn
 
 if TYPE_CHECKING:
     from components.scoring import RewardScorer
 
 Call = dict[str, Any]
-StepLogger = Callable[[int, dict[str, float]], None]
+Entry = Callable[..., Any] | str  # a function, or its `module:qualname` (what crosses to a launched process)
 #: Stages that run launched under an accelerate option (RLOO and GRPO still train in one process).
 LAUNCHED_STAGES = ("sft", "reward", "dpo", "ppo")
 PARENT_ENV = "ALIGNFLOW_LAUNCH_PARENT"  # the pid every rank watches: when it is gone, the rank exits
@@ -69,7 +69,7 @@ def instantiated(node: dict[str, Any], **kwargs: Any) -> Call:
     return {"$call": "hydra.utils:instantiate", "args": [node], "kwargs": kwargs}
 
 
-def call(entry: str, kwargs: dict[str, Any], on_log: StepLogger | None, accelerate: dict[str, Any] | None = None,
+def call(entry: Entry, kwargs: dict[str, Any], on_log: StepLogger | None, accelerate: dict[str, Any] | None = None,
          workdir: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
     """Call `entry(**kwargs, on_log=on_log)` here, or under `accelerate launch` when `accelerate` asks for it."""
     if not launched(accelerate):
@@ -79,8 +79,15 @@ def call(entry: str, kwargs: dict[str, Any], on_log: StepLogger | None, accelera
     return launch(entry, kwargs, on_log, accelerate, Path(workdir), seed)
 
 
-def resolve(entry: str) -> Any:
-    """`package.module:attr.attr` -> the object."""
+def entry_name(entry: Entry) -> str:
+    """`module:qualname` of a function (a string passes through): how a launched process finds it."""
+    return entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__qualname__}"
+
+
+def resolve(entry: Entry) -> Any:
+    """`package.module:attr.attr` -> the object (a function passes through)."""
+    if not isinstance(entry, str):
+        return entry
     module, _, attrs = entry.partition(":")
     value: Any = importlib.import_module(module)
     for attr in filter(None, attrs.split(".")):
@@ -98,6 +105,8 @@ def encode(value: Any, workdir: Path, name: str = "arg") -> Any:
         return {"$dataset": str(path)}
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, dict) and "$call" in value:
+        value = {**value, "$call": entry_name(value["$call"])}
     if isinstance(value, dict):
         return {str(k): encode(v, workdir, f"{name}.{k}" if name != "arg" else str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -160,14 +169,14 @@ def threads_per_process(accelerate: dict[str, Any]) -> int:
     return max(1, torch.get_num_threads() // int(accelerate["num_processes"]))
 
 
-def write_call(entry: str, kwargs: dict[str, Any], accelerate: dict[str, Any], workdir: Path, seed: int) -> Path:
+def write_call(entry: Entry, kwargs: dict[str, Any], accelerate: dict[str, Any], workdir: Path, seed: int) -> Path:
     """Write the call (`call.json`) and the accelerate config file (`accelerate.yaml`) into `workdir`."""
     import yaml
 
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in ("log.jsonl", "result.json", *(p.name for p in workdir.glob("error.rank*.txt"))):
         (workdir / stale).unlink(missing_ok=True)
-    spec = {"entry": entry, "kwargs": encode(kwargs, workdir), "seed": seed,
+    spec = {"entry": entry_name(entry), "kwargs": encode(kwargs, workdir), "seed": seed,
             "threads": threads_per_process(accelerate), "log": str(workdir / "log.jsonl"),
             "result": str(workdir / "result.json")}
     (workdir / "call.json").write_text(json.dumps(spec, indent=1))
@@ -191,7 +200,7 @@ def launch_env(accelerate: dict[str, Any], threads: int) -> dict[str, str]:
     return env
 
 
-def launch(entry: str, kwargs: dict[str, Any], on_log: StepLogger | None, accelerate: dict[str, Any],
+def launch(entry: Entry, kwargs: dict[str, Any], on_log: StepLogger | None, accelerate: dict[str, Any],
            workdir: Path, seed: int) -> dict[str, Any]:
     """Run the call under `accelerate launch`, replaying rank 0's log lines into `on_log` as they come."""
     write_call(entry, kwargs, accelerate, workdir, seed)
@@ -206,8 +215,9 @@ def launch(entry: str, kwargs: dict[str, Any], on_log: StepLogger | None, accele
             stop(proc)
     result = workdir / "result.json"
     if proc.returncode != 0 or not result.is_file():
-        raise LaunchError(f"{entry} under accelerate launch ({accelerate['num_processes']} processes) failed "
-                          f"(exit {proc.returncode}): {failure(workdir)} (full output: {workdir / 'output.log'})")
+        raise LaunchError(f"{entry_name(entry)} under accelerate launch ({accelerate['num_processes']} processes) "
+                          f"failed (exit {proc.returncode}): {failure(workdir)} (full output: "
+                          f"{workdir / 'output.log'})")
     return json.loads(result.read_text())
 
 
