@@ -318,6 +318,18 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(spec["result"] + ".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(spec["result"])
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Wait for every rank, then close the process group: a rank that exits with it open can abort in its
+    communication threads' teardown ("terminate called without an active exception") while the others still
+    talk, failing a run whose result is already written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
