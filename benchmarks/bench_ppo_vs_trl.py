@@ -70,8 +70,8 @@ def build_fixture(folder: Path, n_prompts: int) -> None:
     (folder / "prompts.json").write_text(json.dumps(prompts))
 
 
-SETTINGS = {  # shared by both sides; TRL's names in trl_worker
-    "batch_size": 32, "mini_batch_size": 8, "ppo_epochs": 4, "max_new_tokens": 24, "learning_rate": 3e-5,
+SETTINGS = {  # shared by both sides (TRL's names in trl_worker); one mini-batch per epoch, TRL's default
+    "batch_size": 32, "mini_batch_size": 32, "ppo_epochs": 4, "max_new_tokens": 24, "learning_rate": 3e-5,
     "temperature": 1.0, "kl_coef": 0.05, "gamma": 1.0, "lam": 0.95, "cliprange": 0.2, "cliprange_value": 0.2,
     "vf_coef": 0.1, "missing_eos_penalty": 1.0,
 }
