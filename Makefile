@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser-deps run test test-crash test-server test-cluster test-accelerate test-browser test-all lint bench clean
+.PHONY: setup browser-deps label-studio-deps label-studio run test test-crash test-server test-cluster test-accelerate test-feedback test-browser test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -45,8 +45,34 @@ browser-deps:
 test-browser: setup browser-deps
 	$(BIN)/pytest -q -m browser $(PYTEST_ARGS)
 
-test-all: setup browser-deps
-	$(BIN)/pytest -q -m "slow or crash or server or browser or cluster or accelerate or not (slow or crash or server or browser or cluster or accelerate)" $(PYTEST_ARGS)
+# Label Studio in its own virtualenv (its Django stack stays out of ours); alignflow talks to it through the SDK.
+LS_VENV := .venv-labelstudio
+LS_DATA ?= .alignflow/label-studio
+LS_PORT ?= 8080
+
+label-studio-deps: $(LS_VENV)/.installed
+
+$(LS_VENV)/.installed:
+	test -x $(LS_VENV)/bin/python || $(PY) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --upgrade pip
+	$(LS_VENV)/bin/pip install -q label-studio==1.23.2
+	touch $@
+
+# Label Studio on 127.0.0.1:$(LS_PORT), its data under $(LS_DATA); the first start creates the admin
+# $LABEL_STUDIO_USERNAME whose API token is $LABEL_STUDIO_API_KEY (what feedback=human_loop reads).
+label-studio: label-studio-deps
+	LABEL_STUDIO_BASE_DATA_DIR=$(LS_DATA) $(LS_VENV)/bin/label-studio start --data-dir $(LS_DATA) \
+		-p $(LS_PORT) --host http://127.0.0.1:$(LS_PORT) --internal-host 127.0.0.1 --no-browser \
+		--username "$${LABEL_STUDIO_USERNAME:-admin@alignflow.local}" \
+		--password "$${LABEL_STUDIO_PASSWORD:?export LABEL_STUDIO_PASSWORD}" \
+		--user-token "$${LABEL_STUDIO_API_KEY:?export LABEL_STUDIO_API_KEY (20+ characters)}" --enable-legacy-api-token
+
+# The feedback loop through real Label Studio and Prefect servers (simulated annotators rank through the API).
+test-feedback: setup label-studio-deps
+	$(BIN)/pytest -q -m feedback_loop $(PYTEST_ARGS)
+
+test-all: setup browser-deps label-studio-deps
+	$(BIN)/pytest -q -m "slow or crash or server or browser or cluster or accelerate or feedback_loop or not (slow or crash or server or browser or cluster or accelerate or feedback_loop)" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

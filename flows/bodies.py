@@ -367,3 +367,92 @@ def register_policy(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[
         {"model_name": registry["model_name"], "version": int(version.version), "model_id": model_id,
          "champion": decision.outcome, "reason": reason}, indent=2))
     return {"register/version": float(version.version), "register/promoted": float(decision.promote)}
+
+
+def label_store_path(spec: dict[str, Any]) -> Path:
+    """The rankings store shared by every feedback round and run: beside the stage folders, like the judge cache."""
+    return Path(spec["dir"]).parents[1] / "feedback_labels" / "rankings.jsonl"
+
+
+def request_feedback(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """Human feedback, part 1: sample K responses per candidate prompt, choose this round's items within the label
+    budget by the configured strategy, and send them to Label Studio for ranking (also as tasks.json, Label
+    Studio's import format, for Argilla or in-house tools). Items someone already ranked are never sent again."""
+    from components.feedback import FeedbackSettings, LabelStore, label_studio_task, open_items, sample_candidates
+    from components.generation import SamplingSettings
+    from components.label_studio import RankingProject
+    from components.selection import select_prompts
+
+    cfg = spec["config"]["feedback"]
+    settings = FeedbackSettings.from_config(cfg)
+    device = resolve_device(spec["config"]["device"])
+    model = cfg["policy_path"] if cfg["source"] == "policy" else _sft_model(spec)
+    prompts = load_prompts(spec["upstream"]["data"], "prompts", _sft_model(spec), settings.n_candidates)
+    items = sample_candidates(model, prompts, settings.n_responses, SamplingSettings.from_config(cfg["sampling"]),
+                              device)
+    candidates = open_items(items, LabelStore(label_store_path(spec)).labelled_keys())
+    scores = _candidate_scores(cfg, candidates, device)
+    chosen = [candidates[i] for i in select_prompts(settings.strategy, scores, settings.budget, spec["seed"])]
+    (stage_dir / "tasks.json").write_text(json.dumps([label_studio_task(item) for item in chosen], indent=1))
+    mlflow.log_artifact(str(stage_dir / "tasks.json"))  # the round as a file, for Argilla or in-house tools
+    studio = cfg["label_studio"]
+    project = RankingProject(studio["url"], _label_studio_key(studio), studio["project"])
+    imported = project.import_items(chosen)
+    request = {"url": studio["url"], "project": studio["project"], "project_id": project.id,
+               "sent": [item["key"] for item in chosen], "candidates": [item["key"] for item in items]}
+    (stage_dir / "request.json").write_text(json.dumps(request, indent=1))
+    mlflow.set_tags({"alignflow.label_studio_project": f"{studio['url'].rstrip('/')}/projects/{project.id}"})
+    return {"feedback_request/n_candidates": float(len(items)),
+            "feedback_request/n_already_ranked": float(len(items) - len(candidates)),
+            "feedback_request/n_sent": float(len(chosen)), "feedback_request/n_imported": float(imported)}
+
+
+def _label_studio_key(studio: dict[str, Any]) -> str:
+    """The Label Studio API token from the environment variable the config names."""
+    import os
+
+    key = os.environ.get(studio["api_key_env"], "")
+    if not key:
+        raise ValueError(f"the environment variable {studio['api_key_env']} (feedback.label_studio.api_key_env) "
+                         "is empty: export your Label Studio API token in it (Account & Settings in its UI)")
+    return key
+
+
+def _candidate_scores(cfg: dict[str, Any], items: list[dict[str, Any]], device: str) -> list[list[list[float]]]:
+    """scores[item][reward model][response] under `feedback.reward_models` (zeros when none: random needs none)."""
+    from components.scoring import RewardScorer
+
+    per_model = []
+    for path in cfg["reward_models"] or []:
+        scorer = RewardScorer(str(path), device, None)
+        flat = scorer.score([i["prompt"] for i in items for _ in i["responses"]],
+                            [r for i in items for r in i["responses"]], cfg["score_batch_size"])
+        k = cfg["n_responses"]
+        per_model.append([flat[n * k:(n + 1) * k] for n in range(len(items))])
+    if not per_model:
+        return [[[0.0] * len(i["responses"])] for i in items]
+    return [[model[n] for model in per_model] for n in range(len(items))]
+
+
+def collect_feedback(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
+    """Human feedback, part 2: the rankings given for this round's candidates as preference pairs that keep their
+    annotator; logged as the versioned MLflow dataset the reward model or DPO trains on."""
+    from components.rankings import RankingSettings, rankings_to_pairs
+
+    rows = [json.loads(line) for line in Path(spec["upstream"]["labels"]["path"]).read_text().splitlines()]
+    pairs = rankings_to_pairs(rows, RankingSettings.from_config(spec["config"]["rankings"]), "feedback rankings")
+    if not pairs:
+        raise ValueError("no ranking gave a preference pair: rank some items in Label Studio (or lower "
+                         "feedback.wait.min_labelled) and rerun")
+    Dataset.from_list(rows).to_json(str(stage_dir / "rankings.jsonl"), lines=True)
+    Dataset.from_list(pairs).to_json(str(stage_dir / "preference.jsonl"), lines=True)
+    (stage_dir / "meta.json").write_text(json.dumps({"name": "human-feedback"}))
+    load_split({"path": str(stage_dir), "stage": "feedback"}, "preference")  # the labelled set, as an input
+    metrics = {"feedback/n_rankings": float(len(rows)), "feedback/n_pairs": float(len(pairs)),
+               "feedback/n_annotators": float(len({r["annotator"] for r in rows}))}
+    gold = _gold_fn(spec["config"]["gold"])
+    if gold is not None:  # how often the annotators' pairs agree with the task's gold reward
+        better = gold([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+        worse = gold([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+        metrics["feedback/agreement_with_gold"] = sum(b > w for b, w in zip(better, worse, strict=True)) / len(pairs)
+    return metrics

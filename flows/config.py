@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from components.feedback import FeedbackSettings
 from components.generation import SamplingSettings
 from components.ppo import PPOSettings
 from components.promotion import DIRECTIONS
@@ -160,6 +161,23 @@ STAGE_RULES: dict[str, dict[str, tuple]] = {
 }
 
 
+#: `conf/feedback/human_loop.yaml`, checked when `feedback.loop` is on.
+FEEDBACK_RULES: dict[str, tuple] = {
+    "feedback.source": (lambda v: v in {"sft", "policy"}, "use sft, or policy (samples from feedback.policy_path)"),
+    "feedback.wait.mode": (lambda v: v in {"pause", "poll"},
+                           "use pause (the flow run waits to be resumed) or poll (checks Label Studio)"),
+    "feedback.wait.min_labelled": (lambda v: _number(v) and 0 < v <= 1, "use a share of the round in (0, 1]"),
+    "feedback.wait.poll_seconds": POSITIVE_INT,
+    "feedback.wait.timeout_hours": POSITIVE,
+    "feedback.score_batch_size": POSITIVE_INT,
+    "feedback.label_studio.url": (lambda v: isinstance(v, str) and v.startswith(("http://", "https://")),
+                                  "use the server's address, e.g. http://127.0.0.1:8080"),
+    "feedback.label_studio.api_key_env": (lambda v: isinstance(v, str) and v.strip() != "",
+                                          "name the environment variable holding the API token"),
+    "feedback.label_studio.project": (lambda v: isinstance(v, str) and v.strip() != "", "give a project title"),
+}
+
+
 #: The stages `peft=lora` can train (TRL trainers; our PPO trains every weight).
 LORA_STAGES = ("sft", "reward", "dpo")
 #: `conf/accelerate/` and `conf/peft/` (checked when the config has those groups; older recorded runs do not).
@@ -217,6 +235,26 @@ def validate_config(cfg: dict[str, Any]) -> None:
     _settings("eval", SamplingSettings, cfg["eval"])
     _settings("revision", SamplingSettings, cfg["revision"])
     _settings("label.sampling", SamplingSettings, cfg["label"]["sampling"])
+    _check_feedback(cfg)
+
+
+def _check_feedback(cfg: dict[str, Any]) -> None:
+    """`feedback=human_loop`: people rank what the SFT model (or a policy) says; not with an AI judge labelling."""
+    feedback = cfg.get("feedback") or {}
+    if not feedback.get("loop"):
+        return
+    if cfg["pipeline"]["feedback"] == "ai":
+        raise ConfigError(f"config field `feedback` = human_loop asks people to rank, but pipeline="
+                          f"{cfg['pipeline']['name']} has the AI judge label: use pipeline=rlhf or pipeline=dpo "
+                          "with feedback=human_loop, or feedback=none")
+    for dotted, (ok, fix) in FEEDBACK_RULES.items():
+        _check(cfg, dotted, ok, fix)
+    if feedback["source"] == "policy":
+        _check(cfg, "feedback.policy_path", lambda v: isinstance(v, str) and v.strip() != "",
+               "give the checkpoint to sample from (source=policy), e.g. the last round's PPO model folder")
+    _settings("feedback", FeedbackSettings, feedback)
+    _settings("feedback.rankings", RankingSettings, feedback["rankings"])
+    _settings("feedback.sampling", SamplingSettings, feedback["sampling"])
 
 
 def _check_scaling(cfg: dict[str, Any]) -> None:

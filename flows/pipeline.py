@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from flows.cache import DamagedStage, DigestMemo, input_digest, read_done, stage_key
 from flows.config import compose_config, validate_config
+from flows.feedback import gather_feedback
 from flows.prefect_run import flow_run_name, publish_summary, tag_flow_run
 from flows.preflight import preflight
 from flows.progress import summary_table
@@ -125,6 +126,8 @@ def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = No
         feedback = {"data": data, "sft": sft}
         if kind["feedback"] == "ai":
             feedback["label"] = pipe.run("label", data=data, sft=sft)
+        elif cfg["feedback"]["loop"]:  # people rank responses in Label Studio; the flow run waits for them
+            feedback["label"] = gather_feedback(pipe, data=data, sft=sft)
         if kind["optimizer"] == "dpo":
             scored = {"policy": pipe.run("dpo", **feedback)}
         else:

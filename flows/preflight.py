@@ -68,6 +68,7 @@ def preflight(cfg: dict[str, Any]) -> None:
     check_scaling(cfg)
     check_trainer_args(cfg)
     check_judge(cfg)
+    check_feedback(cfg)
     configs = check_models(cfg)
     context, tokenizer = _policy(cfg, configs)
     _check_context_fields(cfg, configs, context)
@@ -202,6 +203,33 @@ def check_trainer_args(cfg: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ judge
+def check_feedback(cfg: dict[str, Any]) -> None:
+    """feedback=human_loop: the Label Studio token is exported and the server answers; a run that pauses for
+    rankings needs a Prefect server to be resumed through (a temporary one dies with the process)."""
+    feedback = cfg.get("feedback") or {}
+    if not feedback.get("loop"):
+        return
+    import httpx
+
+    studio = feedback["label_studio"]
+    env = studio["api_key_env"]
+    if not os.environ.get(env):
+        raise ConfigError(f"environment variable `{env}` (named by config field `feedback.label_studio.api_key_env`)"
+                          f" is not set: export {env}=<your Label Studio API token> (Account & Settings in its UI)")
+    url = studio["url"].rstrip("/")
+    try:
+        httpx.get(f"{url}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as err:
+        raise ConfigError(f"Label Studio at {url} (config field `feedback.label_studio.url`) does not answer "
+                          f"({one_line(err)}): start it (`make label-studio`, see the README) or fix the URL") from err
+    if feedback["wait"]["mode"] == "pause":
+        from flows.prefect_run import answering_api
+
+        answering_api(ConfigError, "feedback.wait.mode=pause needs a Prefect server to resume the paused run "
+                      "through: start one (`prefect server start`) and export PREFECT_API_URL, or use "
+                      "feedback.wait.mode=poll")
+
+
 def check_judge(cfg: dict[str, Any]) -> None:
     """AI-feedback pipelines: the judge's kind, settings and principles, and its API key's variable."""
     if cfg["pipeline"]["feedback"] != "ai":

@@ -196,6 +196,18 @@ def _given(*dotted: str) -> Callable[[Config], list[str]]:
     return pick
 
 
+def _feedback_request_config(cfg: Config) -> Config:
+    """A feedback round's slice: what it samples and sends, not how long it waits or who simulates annotators."""
+    keep = {k: v for k, v in cfg["feedback"].items() if k not in ("wait", "simulated_annotators")}
+    return {"feedback": keep, "device": cfg["device"]}
+
+
+def _feedback_models(cfg: Config) -> list[str]:
+    """The checkpoints a feedback round reads besides SFT: its scoring reward models and the policy it samples."""
+    fb = cfg["feedback"]
+    return [*(fb.get("reward_models") or []), *([fb["policy_path"]] if fb.get("source") == "policy" else [])]
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("data", bodies.prepare_data, ("components.review_task", "components.data"), lambda cfg: cfg["data"],
           ("data/bayes_ceiling", "data/n_sft", "data/n_preference"), _data_files),
@@ -207,6 +219,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("label", bodies.label_preferences, ("components.labeling", "components.judges"),
           _with_gold("label", "judge"), ("label/agreement_with_gold", "label/tie_rate"),
           _given("judge.settings.model", "judge.settings.path", "judge.settings.encoder")),
+    Stage("feedback_request", bodies.request_feedback,
+          ("components.feedback", "components.label_studio", "components.selection"), _feedback_request_config,
+          ("feedback_request/n_sent",), _feedback_models),
+    Stage("feedback", bodies.collect_feedback, ("components.feedback", "components.rankings"),
+          lambda cfg: {"rankings": cfg["feedback"]["rankings"], "gold": cfg["data"]["gold"]},
+          ("feedback/n_rankings", "feedback/n_pairs", "feedback/agreement_with_gold")),
     Stage("reward", bodies.train_reward_model, ("components.reward",), _trainer("reward"),
           ("reward/eval_accuracy", "reward/bayes_ceiling"), _given("reward.model_name_or_path")),
     Stage("ppo", bodies.train_ppo, ("components.ppo",), _ppo_config, ("ppo/mean_reward", "ppo/kl")),
