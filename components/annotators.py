@@ -10,13 +10,16 @@ so a policy can be judged per profile, and profiles that disagree show how servi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from components.review_task import RandomSource, gold_terms, words_of
+from components.review_task import RandomSource, bayes_ceiling, gold_terms, words_of
 
 TERMS = ("sentiment", "length_penalty", "repetition_penalty", "stuffing_penalty")
+#: Profile names go into metric names (`eval/gold_win_rate_vs_sft/<name>`): letters, digits, `_` and `-` only.
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,44 @@ def disagreement(profiles: Sequence[AnnotatorProfile], texts_a: Sequence[str], t
         votes = {p.utility(a) > p.utility(b) for p in profiles}
         split += len(votes) > 1
     return split / max(1, len(texts_a))
+
+
+def profiles_from_config(nodes: Sequence[Mapping[str, Any]]) -> list[AnnotatorProfile]:
+    """Profiles from config nodes (`data.embedded.annotators`: name, weights, per_word, temperature; other keys such
+    as `share` are the data's), refusing a name that cannot be part of a metric name or that two profiles share."""
+    profiles = [AnnotatorProfile.from_config(node) for node in nodes]
+    names = [p.name for p in profiles]
+    bad = [n for n in names if not isinstance(n, str) or PROFILE_NAME.fullmatch(n) is None]
+    if bad:
+        raise ValueError(f"name = {bad[0]!r} is invalid: use letters, digits, _ and - only (it names metrics)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"name = {names} is invalid: give every profile its own name")
+    return profiles
+
+
+def metric_suffix(name: str) -> str:
+    """An annotator id as the last part of a metric name (any id a file may hold: other characters become _)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(name)) or "_"
+
+
+def profile_pair_stats(rows: Sequence[Mapping[str, Any]], profiles: Sequence[AnnotatorProfile],
+                       prefix: str) -> dict[str, float]:
+    """Numbers of pairs labelled by `profiles` (rows with `annotator`, `utility_chosen`, `utility_rejected`):
+    each profile's share and Bayes ceiling (its own utility and noise), the overall ceiling (what a model that knows
+    the annotator can reach) and the share of pairs on which the noiseless profiles would not all agree."""
+    if not rows:
+        return {}
+    stats: dict[str, float] = {}
+    ceilings = 0.0
+    for profile in profiles:
+        own = [r for r in rows if r.get("annotator") == profile.name]
+        stats[f"{prefix}_share/{profile.name}"] = len(own) / len(rows)
+        if own:
+            ceiling = bayes_ceiling([r["utility_chosen"] for r in own], [r["utility_rejected"] for r in own],
+                                    profile.temperature)
+            stats[f"{prefix}_bayes_ceiling/{profile.name}"] = ceiling
+            ceilings += ceiling * len(own)
+    stats[f"{prefix}_bayes_ceiling"] = ceilings / len(rows)
+    stats[f"{prefix}_profile_disagreement"] = disagreement(profiles, [r["chosen"] for r in rows],
+                                                           [r["rejected"] for r in rows])
+    return stats

@@ -2,13 +2,18 @@
 
 Both models answer the same held-out prompts with the same sampling seed. The policy is judged by the proxy
 (reward model) and, where the task has one, the gold reward; the gold win rate over SFT and the Monte-Carlo
-KL(policy ‖ SFT) on the policy's own samples say whether it improved honestly or drifted.
+KL(policy ‖ SFT) on the policy's own samples say whether it improved honestly or drifted. Where annotator profiles
+labelled the data (components/annotators.py), each profile's utility is its own gold: the policy is judged per
+profile, with the profiles' disagreement and the profile it serves worst.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from components.annotators import AnnotatorProfile, disagreement
 from components.generation import Rollout, SamplingSettings, sample, sequence_logprobs
 from components.hooks import GoldFn
 from components.modeling import load_causal_lm, load_tokenizer
@@ -41,9 +46,10 @@ def kl_to_reference(policy, reference, rollout: Rollout, temperature: float, bat
 
 def compare_policies(
     policy_path: str, sft_path: str, prompts: list[str], settings: SamplingSettings, device: str,
-    scorer: RewardScorer | None, gold_fn: GoldFn | None,
+    scorer: RewardScorer | None, gold_fn: GoldFn | None, profiles: Sequence[AnnotatorProfile] = (),
 ) -> tuple[dict[str, float], list[dict]]:
-    """Sample from policy and SFT on `prompts`; return `eval/*` metrics and one table row per prompt."""
+    """Sample from policy and SFT on `prompts`; return `eval/*` metrics and one table row per prompt (with
+    `profiles`, also each profile's gold win rate: see `profile_metrics`)."""
     tokenizer = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path).to(device).eval()
     sft = load_causal_lm(sft_path).to(device).eval()
@@ -68,4 +74,32 @@ def compare_policies(
             row[f"{name}_policy"], row[f"{name}_sft"] = a, b
     if "eval/gold_win_rate_vs_sft" in metrics:
         metrics["eval/win_rate_vs_sft"] = metrics["eval/gold_win_rate_vs_sft"]
-    return metrics, rows
+    return metrics | profile_metrics(profiles, ours.texts, base.texts), rows
+
+
+#: The per-profile gold win rate over SFT is `PROFILE_WIN_RATE + <profile name>`.
+PROFILE_WIN_RATE = "eval/gold_win_rate_vs_sft/"
+
+
+def profile_metrics(profiles: Sequence[AnnotatorProfile], policy: list[str], sft: list[str]) -> dict[str, float]:
+    """How the policy's answers serve each profile (its utility is its gold): the win rate over SFT's answers to the
+    same prompts (`eval/gold_win_rate_vs_sft/<name>`) and the mean utility; the worst of those win rates
+    (`eval/worst_profile_win_rate`); and `eval/profile_disagreement`, the share of prompts on which the profiles
+    do not all prefer the same of the two answers. Nothing without profiles."""
+    if not profiles:
+        return {}
+    metrics: dict[str, float] = {}
+    for profile in profiles:
+        ours, theirs = [profile.utility(t) for t in policy], [profile.utility(t) for t in sft]
+        metrics[PROFILE_WIN_RATE + profile.name] = win_rate(ours, theirs)
+        metrics[f"eval/profile_utility_mean/{profile.name}"] = mean(ours)
+        metrics[f"eval/profile_utility_mean_sft/{profile.name}"] = mean(theirs)
+    metrics["eval/worst_profile_win_rate"] = min(metrics[PROFILE_WIN_RATE + p.name] for p in profiles)
+    metrics["eval/profile_disagreement"] = disagreement(profiles, policy, sft)
+    return metrics
+
+
+def worst_served(metrics: dict[str, float]) -> str | None:
+    """The profile with the lowest gold win rate over SFT in `metrics` (the first of a tie), or None."""
+    rates = {k.removeprefix(PROFILE_WIN_RATE): v for k, v in metrics.items() if k.startswith(PROFILE_WIN_RATE)}
+    return min(rates, key=rates.__getitem__) if rates else None

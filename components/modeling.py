@@ -7,7 +7,7 @@ only through `from_pretrained`, so a hub id, a local checkpoint and the embedded
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +118,27 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None) -> PreTr
     return model
 
 
-def load_reward_model(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a sequence-classification model with one output: the scalar reward."""
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype)
+def load_reward_model(name_or_path: str, dtype: torch.dtype | None = None,
+                      heads: Sequence[str] | None = None) -> PreTrainedModel:
+    """Load a sequence-classification model with one output, the scalar reward, or one output per annotator
+    profile: `heads` names them for a new model; a saved per-annotator model keeps its own (`reward_heads`)."""
+    heads = list(heads or saved_reward_heads(name_or_path) or [])
+    labels = {"id2label": dict(enumerate(heads)), "label2id": {h: i for i, h in enumerate(heads)}} if heads else {
+        "num_labels": 1}
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype, **labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def saved_reward_heads(name_or_path: str) -> list[str] | None:
+    """The profile names of a saved per-annotator reward model (its config's `reward_heads`), else None."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):  # not a checkpoint with a config: let from_pretrained say what is wrong
+        return None
+    heads = getattr(config, "reward_heads", None)
+    return list(heads) if heads else None
 
 
 def context_length(config: Any) -> int | None:

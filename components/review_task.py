@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 # ---------------------------------------------------------------------------------------- the task's words
@@ -299,8 +299,31 @@ def _eval_topics(rng: random.Random) -> tuple[str, ...]:
     return HELD_OUT_TOPICS if rng.random() < 0.5 else TRAIN_TOPICS
 
 
-def _pair(topics: Sequence[str], temperature: float, rng: random.Random) -> dict[str, Any]:
-    """Two completions of independently drawn quality for one prompt, labelled by the simulated annotator."""
+class Labeller(Protocol):
+    """One annotator profile (components/annotators.py `AnnotatorProfile`): its name, what it values (`utility`,
+    its gold) and the Bradley–Terry noise of its choices."""
+
+    name: str
+    temperature: float
+
+    def utility(self, text: str) -> float: ...
+
+
+def _label(a: str, b: str, golds: tuple[float, float], temperature: float, labeller: Labeller | None,
+           rng: random.Random) -> tuple[bool, dict[str, Any]]:
+    """Whether a is preferred, and the columns saying by whom: the gold annotator (no extra columns), or a
+    profile choosing by its own utility (`annotator`, `utility_a`, `utility_b`; one draw from `rng` either way)."""
+    if labeller is None:
+        return annotate_pair(*golds, temperature, rng), {}
+    u_a, u_b = labeller.utility(a), labeller.utility(b)
+    return annotate_pair(u_a, u_b, labeller.temperature, rng), {"annotator": labeller.name, "utility_a": u_a,
+                                                                  "utility_b": u_b}
+
+
+def _pair(topics: Sequence[str], temperature: float, rng: random.Random,
+          labeller: Labeller | None = None) -> dict[str, Any]:
+    """Two completions of independently drawn quality for one prompt, labelled by the simulated annotator (or by
+    `labeller`, whose name and utilities the row keeps)."""
     topic = rng.choice(topics)
     prompt = make_prompt(topic, rng)
     weights = PREFERENCE_QUALITY_WEIGHTS
@@ -310,9 +333,39 @@ def _pair(topics: Sequence[str], temperature: float, rng: random.Random) -> dict
     while b == a:  # identical texts carry no preference
         b = generate_completion(topic, qualities[1], rng)
     gold_a, gold_b = gold_reward(a), gold_reward(b)
-    if not annotate_pair(gold_a, gold_b, temperature, rng):
+    keep, extra = _label(a, b, (gold_a, gold_b), temperature, labeller, rng)
+    if not keep:
         a, b, gold_a, gold_b = b, a, gold_b, gold_a
-    return {"prompt": prompt, "chosen": a, "rejected": b, "gold_chosen": gold_a, "gold_rejected": gold_b}
+    row = {"prompt": prompt, "chosen": a, "rejected": b, "gold_chosen": gold_a, "gold_rejected": gold_b}
+    if extra:  # the utilities follow the sides: chosen is a when kept
+        order = ("utility_a", "utility_b") if keep else ("utility_b", "utility_a")
+        row |= {"annotator": extra["annotator"], "utility_chosen": extra[order[0]],
+                "utility_rejected": extra[order[1]]}
+    return row
+
+
+def _profiles(annotators: Sequence[Mapping[str, Any]]) -> list[tuple[Labeller, float]]:
+    """(profile, share) for each `data.embedded.annotators` node; `share` (default 1) is its relative share of
+    the pairs to label."""
+    from components.annotators import profiles_from_config  # annotators builds on this module's gold terms
+
+    shares = [float(node.get("share", 1.0)) for node in annotators]
+    return list(zip(profiles_from_config(annotators), shares, strict=True))
+
+
+def assign_labellers(profiles: Sequence[tuple[Labeller, float]], n: int, rng: random.Random) -> list[Labeller | None]:
+    """Who labels each of `n` pairs: every profile its share (largest remainder, so counts are exact), in an
+    order shuffled by `rng`; with no profiles, the gold annotator (None) labels them all."""
+    if not profiles:
+        return [None] * n
+    total = sum(share for _, share in profiles)
+    exact = [n * share / total for _, share in profiles]
+    counts = [math.floor(x) for x in exact]
+    for k in sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])[: n - sum(counts)]:
+        counts[k] += 1
+    who = [profile for (profile, _), count in zip(profiles, counts, strict=True) for _ in range(count)]
+    rng.shuffle(who)
+    return who
 
 
 def _stream(seed: int, split: str) -> random.Random:
@@ -328,23 +381,29 @@ def build_embedded_splits(
     n_eval_prompts: int,
     annotator_temperature: float,
     seed: int,
+    annotators: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, list[dict]]:
     """Generate every split of the embedded task, deterministically from `seed`.
 
     "sft" (prompt, completion) and "preference"/"prompts" use training topics only; "preference_eval" and
     "eval_prompts" draw half their prompts from held-out topics. Preference rows keep the gold of both sides.
+    With `annotators` (profile nodes, components/annotators.py), each profile labels its share of the training and
+    held-out pairs by its own utility, and the rows keep who labelled them (`annotator`) and both utilities.
     """
     rngs = {name: _stream(seed, name) for name in ("sft", "preference", "preference_eval", "prompts", "eval")}
     sft = [_draw(TRAIN_TOPICS, SFT_QUALITY_WEIGHTS, rngs["sft"]) for _ in range(n_sft)]
     eval_rng = rngs["eval"]
+    profiles = _profiles(annotators)
+    who = {name: assign_labellers(profiles, n, _stream(seed, f"{name}:annotators"))
+           for name, n in (("preference", n_preference), ("preference_eval", n_eval_preference))}
     return {
         "sft": [{"prompt": p, "completion": c} for p, c in sft],
         "preference": [
-            _pair(TRAIN_TOPICS, annotator_temperature, rngs["preference"]) for _ in range(n_preference)
+            _pair(TRAIN_TOPICS, annotator_temperature, rngs["preference"], w) for w in who["preference"]
         ],
         "preference_eval": [
-            _pair(_eval_topics(rngs["preference_eval"]), annotator_temperature, rngs["preference_eval"])
-            for _ in range(n_eval_preference)
+            _pair(_eval_topics(rngs["preference_eval"]), annotator_temperature, rngs["preference_eval"], w)
+            for w in who["preference_eval"]
         ],
         "prompts": [{"prompt": make_prompt(rngs["prompts"].choice(TRAIN_TOPICS), rngs["prompts"])}
                     for _ in range(n_prompts)],
@@ -370,11 +429,13 @@ def _pair_stats(rows: Sequence[dict], temperature: float, prefix: str) -> dict[s
     }
 
 
-def embedded_stats(splits: dict[str, list[dict]], annotator_temperature: float) -> dict[str, float]:
+def embedded_stats(splits: dict[str, list[dict]], annotator_temperature: float,
+                   annotators: Sequence[Mapping[str, Any]] = ()) -> dict[str, float]:
     """Summary numbers of a built task, to log with the data: sizes, SFT mean gold, annotator noise, ceilings.
 
     `preference_eval_bayes_ceiling` bounds any reward model's held-out accuracy; `*_label_accuracy` is how
-    often the annotator's label agrees with gold.
+    often the annotator's label agrees with gold. With `annotators` (the profiles that labelled the pairs), the
+    ceilings come from each profile's own utility and noise, per profile too, with the profiles' disagreement.
     """
     stats: dict[str, float] = {f"n_{name}": float(len(rows)) for name, rows in splits.items()}
     sft_gold = gold_rewards(r["completion"] for r in splits.get("sft", []))
@@ -382,6 +443,12 @@ def embedded_stats(splits: dict[str, list[dict]], annotator_temperature: float) 
     stats["sft_mean_words"] = _mean([len(words_of(r["completion"])) for r in splits.get("sft", [])])
     for name in ("preference", "preference_eval"):
         stats.update(_pair_stats(splits.get(name, []), annotator_temperature, name))
+    if annotators:
+        from components.annotators import profile_pair_stats
+
+        profiles = [profile for profile, _ in _profiles(annotators)]
+        for name in ("preference", "preference_eval"):
+            stats.update(profile_pair_stats(splits.get(name, []), profiles, name))
     eval_prompts = splits.get("eval_prompts", [])
     held_out = [topic_of(r["prompt"]) in HELD_OUT_TOPICS for r in eval_prompts]
     stats["eval_prompts_held_out_fraction"] = _mean([float(h) for h in held_out])

@@ -2,59 +2,199 @@
 
 Held-out accuracy is measured with the same scorer RL uses (prompt + completion + EOS), so the number reported
 is the accuracy of the reward the policy actually optimises.
+
+Pairs labelled by several annotator profiles (an `annotator` column) can train one pooled scalar model, or an
+annotator-conditioned one (`per_annotator`): one head per profile, each pair's loss on the head of whoever
+labelled it. The conditioned model is saved with its profile names (`id2label`, `reward_heads`) and the `mix`
+that weights its heads into the one scalar reward RL and evaluation read (`reward_mix`), so every stage that
+scores with it works unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from components.annotators import metric_suffix
 from components.hooks import StepLogger
 from components.modeling import count_trainable, load_reward_model, load_tokenizer
 from components.scoring import RewardScorer
 from components.training import ForwardLogs, LoraSettings, lora_config, train_and_save
 
+CONDITIONINGS = ("pooled", "per_annotator")
+
+
+@dataclass(frozen=True)
+class RewardConditioning:
+    """Whom the reward model listens to: one `pooled` scalar for every annotator, or `per_annotator` (one head per
+    profile). `mix` weights the heads into the scalar reward RL and evaluation use (profile -> weight >= 0; a profile
+    left out gets 0; null: equal weights), so a sweep over it shows how serving one group costs another."""
+
+    conditioning: str = "pooled"
+    mix: Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse an unknown conditioning, negative or all-zero weights, and a mix for a pooled model."""
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning = {self.conditioning!r} is invalid: use one of {', '.join(CONDITIONINGS)}")
+        if self.mix is None:
+            return
+        numbers = isinstance(self.mix, Mapping) and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in self.mix.values())
+        if not numbers or sum(self.mix.values()) <= 0:
+            raise ValueError(f"mix = {self.mix!r} is invalid: map profile names to weights >= 0, at least one > 0, "
+                             "e.g. reward.mix={enthusiast:2,concise:1,critic:1}, or null for equal weights")
+        if self.conditioning == "pooled":
+            raise ValueError(f"mix = {dict(self.mix)!r} is invalid: it weights the heads of a per-annotator model; set "
+                             "reward.conditioning=per_annotator, or reward.mix=null")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> RewardConditioning:
+        """The settings from the `reward` node (an older config without these keys: pooled)."""
+        return cls(cfg.get("conditioning", "pooled"), cfg.get("mix"))
+
+    def weights(self, heads: Sequence[str]) -> list[float]:
+        """The mix as one weight per head (in `heads`' order), summing to 1; names outside `heads` are refused."""
+        unknown = sorted(set(self.mix or {}) - set(heads))
+        if unknown:
+            raise ValueError(f"mix = {dict(self.mix or {})!r} is invalid: {unknown} label no pairs; use names out of "
+                             f"{list(heads)}")
+        raw = [float((self.mix or dict.fromkeys(heads, 1.0)).get(h, 0.0)) for h in heads]
+        return [w / sum(raw) for w in raw]
+
 
 def train_reward_model(
     init_path: str, train: Dataset, args: RewardConfig, output_dir: str | Path, on_log: StepLogger | None = None,
-    lora: LoraSettings | None = None,
+    lora: LoraSettings | None = None, heads: Sequence[str] | None = None, mix: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """Train a scalar-head reward model from `init_path` on preference pairs; save it to `output_dir`.
+    """Train a reward model from `init_path` on preference pairs; save it to `output_dir`.
 
+    Without `heads`: one scalar head (pooled). With `heads` (profile names; `train` has an `annotator` column):
+    one head per profile, saved with the profiles and `mix` (one weight per head; None: equal).
     With `lora` the body trains low-rank adapters and the new head trains in full; the checkpoint is saved merged."""
     tokenizer = load_tokenizer(init_path)
-    trainer = RewardTrainer(
-        model=_reward_model(init_path, tokenizer, args.seed),
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        callbacks=[ForwardLogs("reward", on_log)],
-        peft_config=lora_config(lora, "SEQ_CLS"),
-    )
+    heads = list(heads or [])
+    mix = list(mix) if mix is not None else [1.0 / len(heads) for _ in heads]
+    base = partial(_reward_model, init_path, tokenizer, args.seed, heads, mix)  # also what LoRA merges into
+    kwargs = dict(model=base(), args=args, processing_class=tokenizer, callbacks=[ForwardLogs("reward", on_log)],
+                  peft_config=lora_config(lora, "SEQ_CLS"))
+    if heads:
+        with _scalar_view(kwargs["model"]):  # TRL accepts only one output; the loss picks one head per pair
+            trainer = ConditionedRewardTrainer(train_dataset=with_heads(train, heads), data_collator=HeadCollator(
+                pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of), **kwargs)
+    else:
+        trainer = RewardTrainer(train_dataset=train, **kwargs)
     trained = {"reward/n_trainable": float(count_trainable(trainer.model))} if lora else {}
-    base = partial(_reward_model, init_path, tokenizer, args.seed)  # what LoRA merges into
     return train_and_save(trainer, tokenizer, output_dir, "reward", base) | trained
 
 
-def _reward_model(init_path: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
-    """The reward model before training: `init_path`'s body with a new scalar head, padding like `tokenizer`."""
-    set_seed(seed)  # the new scalar head is drawn from the RNG: the same seed gives the same model
-    model = load_reward_model(init_path)
+def _reward_model(init_path: str, tokenizer: PreTrainedTokenizerBase, seed: int, heads: Sequence[str] = (),
+                  mix: Sequence[float] = ()) -> PreTrainedModel:
+    """The reward model before training: `init_path`'s body with a new head (one output, or one per profile in
+    `heads`, saved with them and their `mix`), padding like `tokenizer`."""
+    set_seed(seed)  # the new head is drawn from the RNG: the same seed gives the same model
+    model = load_reward_model(init_path, heads=heads or None)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if heads:
+        model.config.reward_heads, model.config.reward_mix = list(heads), list(mix)
     return model
 
 
+def with_heads(pairs: Dataset, heads: Sequence[str]) -> Dataset:
+    """`pairs` with a `head` column: the index in `heads` of each pair's annotator (an unknown one is refused)."""
+    index = {h: i for i, h in enumerate(heads)}
+    missing = sorted({str(a) for a in pairs["annotator"]} - set(index))
+    if missing:
+        raise ValueError(f"annotators {missing} have no reward head; heads are {list(heads)}")
+    return pairs.add_column("head", [index[str(a)] for a in pairs["annotator"]]).remove_columns("annotator")
+
+
+class _scalar_view:  # noqa: N801 - a context manager named for what it does
+    """While open, `model`'s config reports one label (what TRL's RewardTrainer checks at construction)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.config, self.labels = model.config, (model.config.id2label, model.config.label2id)
+
+    def __enter__(self) -> None:
+        self.config.id2label, self.config.label2id = {0: "reward"}, {"reward": 0}
+
+    def __exit__(self, *exc: object) -> None:
+        self.config.id2label, self.config.label2id = self.labels
+
+
+@dataclass
+class HeadCollator(DataCollatorForPreference):
+    """TRL's preference collator that also batches each pair's head index (`head`)."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        batch["head"] = torch.tensor([example["head"] for example in examples], dtype=torch.long)
+        return batch
+
+
+class ConditionedRewardTrainer(RewardTrainer):
+    """RewardTrainer for a model with one head per annotator profile: each pair's Bradley–Terry loss (and TRL's
+    logged rewards and accuracy) uses the head of the pair's annotator, so each head learns its profile's taste
+    while the body is shared."""
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if "head" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "head"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        head = inputs.pop("head")
+        return super().compute_loss(HeadOf(model, head), inputs, return_outputs, num_items_in_batch)
+
+
+class HeadOf:
+    """`model` read through one head per row: a preference batch (chosen rows, then rejected rows) scored by the
+    head of each pair's annotator, as the one-column logits TRL's loss expects."""
+
+    def __init__(self, model: torch.nn.Module, head: torch.Tensor) -> None:
+        self.model, self.head = model, head
+
+    def __call__(self, **inputs: Any) -> Any:
+        outputs = self.model(**inputs)
+        index = torch.cat([self.head, self.head]).to(outputs.logits.device)[:, None]
+        outputs.logits = outputs.logits.gather(1, index)
+        return outputs
+
+
 def pairwise_accuracy(scorer: RewardScorer, pairs: Dataset, batch_size: int) -> dict[str, float]:
-    """Share of held-out pairs where the reward model scores `chosen` above `rejected` (ties count half)."""
-    chosen = scorer.score(list(pairs["prompt"]), list(pairs["chosen"]), batch_size)
-    rejected = scorer.score(list(pairs["prompt"]), list(pairs["rejected"]), batch_size)
+    """Share of held-out pairs where the reward model scores `chosen` above `rejected` (ties count half), with the
+    scalar reward RL optimises; with an `annotator` column also per profile (`reward/eval_accuracy/<profile>`, on the
+    pairs it labelled, by its own head when the model has one) and over all pairs that way (`..._own_annotator`)."""
+    prompts = list(pairs["prompt"])
+    heads = list(getattr(scorer, "heads", None) or [])
+    scored = [scorer.score_heads(prompts, list(pairs[side]), batch_size) if heads else
+              [[s] for s in scorer.score(prompts, list(pairs[side]), batch_size)] for side in ("chosen", "rejected")]
+    mix = scorer.mix if heads else [1.0]
+    chosen, rejected = ([sum(w * x for w, x in zip(mix, row, strict=True)) for row in side] for side in scored)
+    metrics = {"reward/eval_accuracy": _wins(chosen, rejected),
+               "reward/eval_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)}
+    if "annotator" not in pairs.column_names:
+        return metrics
+    annotators = [str(a) for a in pairs["annotator"]]
+    own = [(scored[0][i][heads.index(a)], scored[1][i][heads.index(a)]) if a in heads else (chosen[i], rejected[i])
+           for i, a in enumerate(annotators)]
+    for name in sorted(set(annotators)):
+        rows = [own[i] for i, a in enumerate(annotators) if a == name]
+        metrics[f"reward/eval_accuracy/{metric_suffix(name)}"] = _wins(*zip(*rows, strict=True))
+    metrics["reward/eval_accuracy_own_annotator"] = _wins(*zip(*own, strict=True))
+    return metrics
+
+
+def _wins(chosen: Sequence[float], rejected: Sequence[float]) -> float:
+    """Share of pairs with chosen > rejected, ties counting half."""
     wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True)]
-    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    return {
-        "reward/eval_accuracy": sum(wins) / len(wins),
-        "reward/eval_margin": sum(margins) / len(margins),
-    }
+    return sum(wins) / len(wins)

@@ -4,6 +4,8 @@ Texts are scored as `prompt + completion + eos_token`, the way TRL's RewardTrain
 are re-tokenised with the reward model's own tokenizer, so a reward model with another vocabulary than the
 policy works. Padding is on the right so positions match unpadded training rows. When the policy shares the
 reward model's tokenizer, `token_scorer` scores the sampled token ids directly instead (no decode, re-tokenise).
+A reward model with one head per annotator profile (components/reward.py) scores the weighted sum of its heads, by
+the mix it was saved with, so RL and evaluation read one scalar whatever the model.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class RewardScorer:
         self.model = load_reward_model(path).to(self.device).eval()
         self.model.requires_grad_(False)
         self.max_length = max_length
+        self.heads: list[str] = list(getattr(self.model.config, "reward_heads", None) or [])
+        self.mix: list[float] = list(getattr(self.model.config, "reward_mix", None) or [1.0] * len(self.heads))
+        self._weights = torch.tensor(self.mix or [1.0], dtype=torch.float, device=self.device)
 
     def texts(self, prompts: list[str], completions: list[str]) -> list[str]:
         """The exact strings the reward model sees: prompt + completion + EOS."""
@@ -49,11 +54,23 @@ class RewardScorer:
             completion = [{"role": "assistant", "content": completion}]
         return self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
 
-    @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], batch_size: int) -> list[float]:
-        """Reward for each pair, computed in batches of `batch_size` without gradients."""
+        """Reward for each pair (the heads mixed, for a per-annotator model), in batches of `batch_size`."""
+        return self._reward(self._logits(prompts, completions, batch_size)).tolist()
+
+    def score_heads(self, prompts: list[str], completions: list[str], batch_size: int) -> list[list[float]]:
+        """Every head's reward for each pair (one per profile in `heads`; one value for a scalar model)."""
+        return self._logits(prompts, completions, batch_size).tolist()
+
+    def _reward(self, logits: torch.Tensor) -> torch.Tensor:
+        """The scalar reward of a batch of logits: the only head, or the heads weighted by `mix`."""
+        return logits.float() @ self._weights.to(logits.device) if self.heads else logits[:, 0].float()
+
+    @torch.no_grad()
+    def _logits(self, prompts: list[str], completions: list[str], batch_size: int) -> torch.Tensor:
+        """The reward model's outputs for each pair, (n, heads) on the CPU, in batches without gradients."""
         texts = self.texts(prompts, completions)
-        scores: list[float] = []
+        scores: list[torch.Tensor] = []
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
                 texts[start : start + batch_size],
@@ -62,9 +79,8 @@ class RewardScorer:
                 max_length=self.max_length,
                 return_tensors="pt",
             ).to(self.device)
-            logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-            scores.extend(logits[:, 0].float().cpu().tolist())
-        return scores
+            scores.append(self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits.float().cpu())
+        return torch.cat(scores) if scores else torch.zeros(0, max(1, len(self.heads)))
 
     def shares_tokenizer(self, other: PreTrainedTokenizerBase) -> bool:
         """True when `other` gives every token the same id as ours, special tokens included."""
@@ -89,5 +105,5 @@ class RewardScorer:
             ids = input_ids[start : start + batch_size].to(self.device)
             mask = attention_mask[start : start + batch_size].to(self.device)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-            scores.extend(logits[:, 0].float().cpu().tolist())
+            scores.extend(self._reward(logits).cpu().tolist())
         return scores

@@ -69,8 +69,11 @@ def prepare_data(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str
     cfg = spec["config"]
     if cfg["source"] == "embedded":
         splits = {k: Dataset.from_list(v) for k, v in build_embedded_splits(**cfg["embedded"]).items()}
+        profiles = cfg["embedded"].get("annotators") or []  # annotator profiles labelling the pairs, if any
         stats = embedded_stats({k: v.to_list() for k, v in splits.items()},
-                               cfg["embedded"]["annotator_temperature"])
+                               cfg["embedded"]["annotator_temperature"], profiles)
+        if profiles:  # evaluation judges the policy by each profile's utility
+            (stage_dir / "profiles.json").write_text(json.dumps(profiles, indent=2))
     else:
         from components.data import load_file_splits
 
@@ -120,17 +123,19 @@ def train_sft(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, f
 
 def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Train the reward model from the SFT checkpoint (or a given one); measure held-out pairwise accuracy."""
-    from components.reward import pairwise_accuracy
+    from components.reward import RewardConditioning, pairwise_accuracy
     from components.reward import train_reward_model as train_rm
     from components.scoring import RewardScorer
 
     cfg = spec["config"]["reward"]
     data = spec["upstream"]["data"]
     init = cfg["model_name_or_path"] or _sft_model(spec)
-    pairs = load_split(_feedback(spec), "preference").select_columns(["prompt", "chosen", "rejected"])
+    pairs = load_split(_feedback(spec), "preference")
+    conditioning = _conditioning(RewardConditioning.from_config(cfg), pairs)
+    pairs = pairs.select_columns(["prompt", "chosen", "rejected", *(["annotator"] if conditioning else [])])
     logger = StageLogger("reward", run_id, None, "reward/loss")
     metrics = _run_trainer(spec, stage_dir, train_rm, cfg["args"], logger,
-                           init_path=init, train=pairs)
+                           init_path=init, train=pairs, **conditioning)
     scorer = RewardScorer(str(stage_dir / "model"), resolve_device(spec["config"]["device"]), None)
     metrics |= pairwise_accuracy(scorer, load_split(data, "preference_eval"), cfg["score_batch_size"])
     ceiling = data["metrics"].get("data/bayes_ceiling")
@@ -138,6 +143,22 @@ def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> di
         metrics["reward/bayes_ceiling"] = ceiling
     _log_model_dir(spec, stage_dir / "model")
     return metrics
+
+
+def _conditioning(settings: Any, pairs: Dataset) -> dict[str, Any]:
+    """`heads` (the pairs' annotators, sorted) and their `mix` weights for a per-annotator reward model; nothing for
+    a pooled one. Errors name `reward.conditioning` / `reward.mix` and the fix."""
+    if settings.conditioning == "pooled":
+        return {}
+    if "annotator" not in pairs.column_names:
+        raise ValueError("config field `reward.conditioning` = 'per_annotator' needs pairs with an `annotator` column: "
+                         "use data=embedded_diverse, ranked data with annotators, or reward.conditioning=pooled")
+    heads = sorted({str(a) for a in pairs["annotator"]})
+    try:
+        return {"heads": heads, "mix": settings.weights(heads)}
+    except ValueError as err:  # "mix = … is invalid: …"
+        field, _, rest = str(err).partition(" ")
+        raise ValueError(f"config field `reward.{field}` {rest}") from err
 
 
 def load_prompts(result: dict[str, Any], split: str, model_path: str, limit: int | None = None) -> list[str]:
@@ -197,12 +218,42 @@ def evaluate_policy(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[
     prompts = load_prompts(up["data"], "eval_prompts", _sft_model(spec), cfg["max_prompts"])
     scorer = RewardScorer(str(Path(up["reward"]["path"]) / "model"), device, None) if "reward" in up else None
     settings = SamplingSettings.from_config(cfg)
+    profiles = _profiles(up["data"])
     metrics, rows = compare_policies(str(Path(up["policy"]["path"]) / "model"),
                                      str(Path(up["sft"]["path"]) / "model"), prompts, settings, device,
-                                     scorer, _gold_fn(spec["config"]["gold"]))
+                                     scorer, _gold_fn(spec["config"]["gold"]), profiles)
     (stage_dir / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     mlflow.log_table(pd.DataFrame(rows[: cfg["n_table_rows"]]), "samples.json")
+    _tag_worst_served(metrics, run_id)
     return metrics
+
+
+def _profiles(data: dict[str, Any]) -> list[Any]:
+    """The annotator profiles that labelled the data (its `profiles.json`), or none."""
+    from components.annotators import profiles_from_config
+
+    path = Path(data["path"]) / "profiles.json"
+    return profiles_from_config(json.loads(path.read_text())) if path.is_file() else []
+
+
+def _tag_worst_served(metrics: dict[str, float], run_id: str) -> None:
+    """Name the profile the policy serves worst: a tag on this run and the pipeline run, and a log line."""
+    import logging
+
+    from components.evaluate import PROFILE_WIN_RATE, worst_served
+
+    worst = worst_served(metrics)
+    if worst is None:
+        return
+    tag = "alignflow.worst_served_profile"
+    mlflow.set_tag(tag, worst)
+    parent = mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if parent:
+        mlflow.MlflowClient().set_tag(parent, tag, worst)
+    rates = "  ".join(f"{k.removeprefix(PROFILE_WIN_RATE)}={v:.3f}" for k, v in metrics.items()
+                      if k.startswith(PROFILE_WIN_RATE))
+    logging.getLogger("alignflow").info("[eval] serves %s worst; gold win rate vs SFT per profile: %s "
+                                        "(disagreement %.3f)", worst, rates, metrics["eval/profile_disagreement"])
 
 
 def _gold_fn(gold: str | None):

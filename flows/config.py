@@ -21,6 +21,7 @@ from components.generation import SamplingSettings
 from components.ppo import PPOSettings
 from components.promotion import DIRECTIONS
 from components.rankings import RankingSettings
+from components.reward import RewardConditioning
 from flows.launch import LAUNCHED_STAGES, launched
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -160,7 +161,6 @@ STAGE_RULES: dict[str, dict[str, tuple]] = {
                                "use at least 2 samples per prompt (advantages compare a prompt's samples)")},
 }
 
-
 #: `conf/feedback/human_loop.yaml`, checked when `feedback.loop` is on.
 FEEDBACK_RULES: dict[str, tuple] = {
     "feedback.source": (lambda v: v in {"sft", "policy"}, "use sft, or policy (samples from feedback.policy_path)"),
@@ -235,6 +235,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
     _settings("eval", SamplingSettings, cfg["eval"])
     _settings("revision", SamplingSettings, cfg["revision"])
     _settings("label.sampling", SamplingSettings, cfg["label"]["sampling"])
+    _check_conditioning(cfg)
     _check_feedback(cfg)
 
 
@@ -255,6 +256,55 @@ def _check_feedback(cfg: dict[str, Any]) -> None:
     _settings("feedback", FeedbackSettings, feedback)
     _settings("feedback.rankings", RankingSettings, feedback["rankings"])
     _settings("feedback.sampling", SamplingSettings, feedback["sampling"])
+
+
+def _annotator_profiles(cfg: dict[str, Any]) -> list[str]:
+    """The names of `data.embedded.annotators` (each node checked, naming its field), or [] without profiles."""
+    from components.annotators import profiles_from_config
+
+    embedded = cfg["data"].get("embedded") if cfg["data"]["source"] == "embedded" else None
+    nodes = (embedded or {}).get("annotators") or []
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) and "name" in n for n in nodes):
+        raise ConfigError(f"config field `data.embedded.annotators` = {nodes!r:.80} is invalid: give a list of profile "
+                          "nodes, each with a name (see conf/data/embedded_diverse.yaml)")
+    for i, node in enumerate(nodes):
+        share = node.get("share", 1.0)
+        if not (_number(share) and share > 0):
+            raise ConfigError(f"config field `data.embedded.annotators.{i}.share` = {share!r} is invalid: use a "
+                              "number > 0 (its relative share of the pairs)")
+        _named(f"data.embedded.annotators.{i}", lambda node=node: profiles_from_config([node]))
+    _named("data.embedded.annotators", lambda: profiles_from_config(nodes))
+    return [node["name"] for node in nodes]
+
+
+def _named(group: str, check: Any) -> Any:
+    """Run a component's own check; its ValueError ("<field> = <value> is invalid: <fix>") becomes a ConfigError
+    naming `<group>.<field>`."""
+    try:
+        return check()
+    except ValueError as err:
+        field, _, rest = str(err).partition(" ")
+        raise ConfigError(f"config field `{group}.{field}` {rest}") from err
+    except TypeError as err:  # a value of the wrong kind, e.g. weights that are not a mapping
+        raise ConfigError(f"config field `{group}` is invalid: {err}; see conf/data/embedded_diverse.yaml") from err
+
+
+def _check_conditioning(cfg: dict[str, Any]) -> None:
+    """`reward.conditioning` and `reward.mix`, against the annotators the data has (embedded profiles; other data
+    is checked when the reward stage reads its pairs)."""
+    settings = _settings("reward", RewardConditioning, cfg["reward"])
+    names = _annotator_profiles(cfg)
+    if settings.conditioning == "pooled" or cfg["pipeline"]["optimizer"] != "rl":
+        return
+    if cfg["pipeline"]["feedback"] == "ai":
+        raise ConfigError(f"config field `reward.conditioning` = 'per_annotator' needs pairs labelled by annotators, "
+                          f"but pipeline={cfg['pipeline']['name']} has the AI judge label them: use pipeline=rlhf, "
+                          "or reward.conditioning=pooled")
+    if cfg["data"]["source"] == "embedded" and not names:
+        raise ConfigError("config field `reward.conditioning` = 'per_annotator' needs annotator profiles: use "
+                          "data=embedded_diverse (or set data.embedded.annotators), or reward.conditioning=pooled")
+    if names:
+        _named("reward", lambda: settings.weights(sorted(names)))
 
 
 def _check_scaling(cfg: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from flows import bodies
 from flows.cache import build_manifest, finished, fresh_stage_dir, stage_lock, write_done
 from flows.config import select
 from flows.launch import launched
+from flows.progress import PeakMemory
 from flows.tracking import log_metrics, stage_run
 
 Body = Callable[[dict[str, Any], Path, str], dict[str, float]]
@@ -77,12 +78,14 @@ def _execute_locked(spec: dict[str, Any], run: dict[str, Any], body: Body) -> di
     with stage_run(run["experiment_id"], run["parent_run_id"], spec["stage"], spec["key"], cached=False) as rid:
         seed_everything(spec["seed"])  # a stage rebuilt alone in a fresh process builds the same model
         try:
-            metrics = {k: float(v) for k, v in body(spec, stage_dir, rid).items()}
+            with PeakMemory() as memory:
+                metrics = {k: float(v) for k, v in body(spec, stage_dir, rid).items()}
         except Exception as err:
             log.error("[%s] failed: %s", spec["stage"], cause(err, stage_dir))  # one line, before any traceback
             raise
         seconds = time.monotonic() - start
         metrics[f"{spec['stage']}/seconds"] = seconds
+        metrics[f"{spec['stage']}/peak_rss_gib"] = memory.peak_gib  # this process, while the stage ran
         already = MlflowClient().get_run(rid).data.metrics  # curves logged step by step stay as they are
         result = {"stage": spec["stage"], "key": spec["key"], "path": str(stage_dir), "metrics": metrics,
                   "mlflow_run_id": rid, "seconds": seconds, "cached": False, "manifest": build_manifest(stage_dir),
@@ -181,6 +184,18 @@ def _with_gold(*keys: str) -> Callable[[Config], Config]:
     return lambda cfg: {**_on_device(*keys)(cfg), "gold": cfg["data"]["gold"]}
 
 
+#: `reward` keys whose default leaves the reward model as it was: left out of the slice then (a default run keeps
+#: its key); `mix` is saved in a per-annotator model, so it is part of that model's key.
+REWARD_DEFAULTS = {"conditioning": "pooled", "mix": None}
+
+
+def _reward_config(cfg: Config) -> Config:
+    """The reward stage's slice: `_trainer("reward")` without the conditioning keys that are at their default."""
+    sliced = _trainer("reward")(cfg)
+    reward = {k: v for k, v in sliced["reward"].items() if k not in REWARD_DEFAULTS or v != REWARD_DEFAULTS[k]}
+    return {**sliced, "reward": reward}
+
+
 def _data_files(cfg: Config) -> list[str]:
     data = cfg["data"]
     if data["source"] != "files":
@@ -225,14 +240,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("feedback", bodies.collect_feedback, ("components.feedback", "components.rankings"),
           lambda cfg: {"rankings": cfg["feedback"]["rankings"], "gold": cfg["data"]["gold"]},
           ("feedback/n_rankings", "feedback/n_pairs", "feedback/agreement_with_gold")),
-    Stage("reward", bodies.train_reward_model, ("components.reward",), _trainer("reward"),
+    Stage("reward", bodies.train_reward_model, ("components.reward",), _reward_config,
           ("reward/eval_accuracy", "reward/bayes_ceiling"), _given("reward.model_name_or_path")),
     Stage("ppo", bodies.train_ppo, ("components.ppo",), _ppo_config, ("ppo/mean_reward", "ppo/kl")),
     Stage("rloo", bodies.train_rloo, ("components.trl_rl",), _on_device("rl"), ("rloo/mean_reward", "rloo/kl")),
     Stage("grpo", bodies.train_grpo, ("components.trl_rl",), _on_device("rl"), ("grpo/mean_reward", "grpo/kl")),
     Stage("dpo", bodies.train_dpo, ("components.dpo",), _trainer("dpo"), ("dpo/accuracy", "dpo/rewards_margin")),
     Stage("eval", bodies.evaluate_policy, ("components.evaluate",), _with_gold("eval"),
-          ("eval/win_rate_vs_sft", "eval/gold_reward_mean", "eval/gold_reward_mean_sft", "eval/kl_to_sft")),
+          ("eval/win_rate_vs_sft", "eval/gold_reward_mean", "eval/gold_reward_mean_sft", "eval/kl_to_sft",
+           "eval/worst_profile_win_rate")),
     Stage("register", bodies.register_policy, ("components.promotion",),
           lambda cfg: {"registry": cfg["registry"], "tracking": cfg["tracking"]},
           ("register/version", "register/promoted")),

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from components.annotators import AnnotatorProfile, disagreement
+from components.annotators import AnnotatorProfile, disagreement, metric_suffix, profiles_from_config
 from components.rankings import RankingSettings, rankings_to_pairs
-from components.review_task import gold_reward
+from components.review_task import assign_labellers, build_embedded_splits, embedded_stats, gold_reward
 from components.selection import order_disagreement, select_prompts, smallest_gap
 
 GOOD = " the screen is great. the battery is really lovely. overall it is excellent."
@@ -63,3 +63,45 @@ def test_selection_strategies():
     assert select_prompts("disagreement", ensemble, 2, seed=0) == [1, 2]
     with pytest.raises(ValueError, match="strategy = 'best' is invalid"):
         select_prompts("best", scores, 1, seed=0)
+
+
+def test_profiles_from_config_refuse_names_unfit_for_metrics_and_duplicates():
+    assert [p.name for p in profiles_from_config([{"name": "a", "share": 2}, {"name": "b-2", "per_word": 0.1}])] == [
+        "a", "b-2"]
+    with pytest.raises(ValueError, match=r"^name = 'a b' is invalid"):
+        profiles_from_config([{"name": "a b"}])
+    with pytest.raises(ValueError, match=r"^name = .* its own name"):
+        profiles_from_config([{"name": "a"}, {"name": "a"}])
+    assert metric_suffix("rater 7/b") == "rater_7_b"
+
+
+def test_labellers_get_exact_shares_in_a_shuffled_order():
+    a, b = AnnotatorProfile("a"), AnnotatorProfile("b")
+    who = assign_labellers([(a, 2.0), (b, 1.0)], 10, random.Random(0))
+    assert sum(w is a for w in who) == 7 and sum(w is b for w in who) == 3  # 6.67 and 3.33, remainder to a
+    assert who != sorted(who, key=lambda w: w.name) and assign_labellers([], 3, random.Random(0)) == [None] * 3
+
+
+def test_diverse_embedded_data_keeps_who_labelled_each_pair():
+    """data=embedded_diverse: every profile labels its share of the training and held-out pairs by its own utility;
+    the other splits are those of the plain embedded task, and the stats give ceilings per profile."""
+    from flows.config import compose_config
+
+    cfg = compose_config(["data=embedded_diverse"])["data"]["embedded"]
+    sizes = {"n_sft": 20, "n_preference": 90, "n_eval_preference": 30, "n_prompts": 8, "n_eval_prompts": 8}
+    diverse = build_embedded_splits(**{**cfg, **sizes})
+    plain = build_embedded_splits(**{**cfg, **sizes, "annotators": ()})
+    names = [node["name"] for node in cfg["annotators"]]
+    for split, n in (("preference", 90), ("preference_eval", 30)):
+        rows = diverse[split]
+        assert [sum(r["annotator"] == name for r in rows) for name in names] == [n // 3] * 3
+        profiles = {p.name: p for p in profiles_from_config(cfg["annotators"])}
+        assert all(r["utility_chosen"] == profiles[r["annotator"]].utility(r["chosen"]) for r in rows)
+        assert "annotator" not in plain[split][0]
+    assert all(diverse[s] == plain[s] for s in ("sft", "prompts", "eval_prompts"))
+    stats = embedded_stats(diverse, cfg["annotator_temperature"], cfg["annotators"])
+    assert stats["preference_eval_share/critic"] == pytest.approx(1 / 3)
+    assert 0.5 < stats["preference_eval_bayes_ceiling/concise"] <= 1.0
+    assert 0 < stats["preference_profile_disagreement"] < 1
+    ceilings = [stats[f"preference_eval_bayes_ceiling/{name}"] for name in names]
+    assert stats["preference_eval_bayes_ceiling"] == pytest.approx(sum(ceilings) / 3)

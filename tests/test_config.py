@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,11 +119,34 @@ def test_real_model_and_data_configs_compose():
         ("eval.batch_size=abc", "eval.batch_size"),
         ("device=tpu", "device"),
         ("+rl.unknown_knob=1", "rl.unknown_knob"),
+        ("reward.conditioning=per_profile", "reward.conditioning"),
+        ("reward.conditioning=per_annotator", "reward.conditioning"),  # the default data has no annotator profiles
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate_config(compose_config([override]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "fix"),
+    [
+        (["reward.mix={fans:1}"], "reward.mix", r"\['fans'\] label no pairs; use names out of \['concise', 'critic', "),
+        (["reward.mix={critic:-1}"], "reward.mix", "weights >= 0, at least one > 0"),
+        (["reward.mix={critic:0}"], "reward.mix", "weights >= 0, at least one > 0"),
+        (["reward.conditioning=pooled", "reward.mix={critic:1}"], "reward.mix", "reward.conditioning=per_annotator"),
+        (["pipeline=rlaif"], "reward.conditioning", "use pipeline=rlhf, or reward.conditioning=pooled"),
+        (["data.embedded.annotators.0.share=0"], "data.embedded.annotators.0.share", "number > 0"),
+        (["data.embedded.annotators.1.name=con cise"], "data.embedded.annotators.1.name", "letters, digits"),
+        (["data.embedded.annotators.2.name=concise"], "data.embedded.annotators.name", "its own name"),
+    ],
+)
+def test_bad_annotator_conditioning_names_the_field_and_the_fix(overrides, field, fix):
+    """`reward.conditioning`, `reward.mix` and the data's annotator profiles are checked against each other."""
+    base = ["data=embedded_diverse", "reward.conditioning=per_annotator"]
+    with pytest.raises(ConfigError, match=rf"`{re.escape(field)}`.*{fix}"):
+        validate_config(compose_config(base + overrides))
+    validate_config(compose_config([*base, "reward.mix={enthusiast:2,critic:1}"]))  # a profile left out gets 0
 
 
 def test_cli_rejects_bad_config_before_anything_runs(tmp_path):

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from components.evaluate import compare_policies, kl_to_reference, mean, win_rate
+from components.annotators import AnnotatorProfile
+from components.evaluate import compare_policies, kl_to_reference, mean, profile_metrics, win_rate, worst_served
 from components.generation import SamplingSettings, sample_completions
 from components.modeling import load_causal_lm, load_tokenizer
 from components.scoring import RewardScorer
@@ -77,3 +78,26 @@ def test_compare_policies_without_scorers_reports_only_sampling_metrics(tiny_che
     assert set(metrics) == {"eval/kl_to_sft", "eval/mean_length", "eval/mean_length_sft", "eval/eos_rate",
                             "eval/n_prompts"}  # fmt: skip
     assert set(rows[0]) == {"prompt", "policy", "sft"}
+
+
+def test_profile_metrics_judge_the_policy_by_each_profiles_utility():
+    """Stuffed praise beats a good review for the enthusiast (no stuffing penalty) and loses for the critic: the
+    policy serves the critic worst, and the profiles disagree on every prompt where the answers differ."""
+    good, stuffed = " the screen is great. the battery is lovely.", " great excellent lovely superb perfect amazing"
+    enthusiast = AnnotatorProfile("enthusiast", weights={"sentiment": 2.0, "stuffing_penalty": 0.0})
+    critic = AnnotatorProfile("critic", weights={"sentiment": 0.25, "stuffing_penalty": 3.0})
+    metrics = profile_metrics([enthusiast, critic], [stuffed, stuffed, good], [good, good, good])
+    assert metrics["eval/gold_win_rate_vs_sft/enthusiast"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert metrics["eval/gold_win_rate_vs_sft/critic"] == pytest.approx(0.5 / 3)
+    assert metrics["eval/worst_profile_win_rate"] == metrics["eval/gold_win_rate_vs_sft/critic"]
+    assert metrics["eval/profile_disagreement"] == pytest.approx(2 / 3)
+    assert worst_served(metrics) == "critic" and worst_served({"eval/win_rate_vs_sft": 0.4}) is None
+    assert profile_metrics([], [good], [stuffed]) == {}
+
+
+def test_compare_policies_with_profiles_of_a_model_with_itself_ties_for_every_profile(tiny_checkpoint):
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0, batch_size=6, seed=2)
+    profiles = [AnnotatorProfile("a"), AnnotatorProfile("b", per_word=0.5)]
+    metrics, _ = compare_policies(tiny_checkpoint, tiny_checkpoint, PROMPTS, settings, "cpu", None, gold, profiles)
+    assert metrics["eval/gold_win_rate_vs_sft/a"] == metrics["eval/gold_win_rate_vs_sft/b"] == 0.5
+    assert metrics["eval/profile_disagreement"] == 0.0

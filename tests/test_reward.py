@@ -7,10 +7,11 @@ import math
 import random
 
 import pytest
+import torch
 from datasets import Dataset
 from hydra.utils import instantiate
 
-from components.reward import pairwise_accuracy, train_reward_model
+from components.reward import HeadOf, RewardConditioning, pairwise_accuracy, train_reward_model
 from components.scoring import RewardScorer
 from flows.config import compose_config
 from tests.helpers import synthetic_corpus
@@ -100,3 +101,94 @@ def test_scorer_truncates_from_the_left_keeping_the_completion_and_eos(reward_ru
     assert a == pytest.approx(b, abs=1e-5)
     full = RewardScorer(reward_run["out"], "cpu", max_length=None)
     assert full.score(prompts, [" very happy"] * 2, batch_size=2) != pytest.approx([a, b], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------- annotator-conditioned reward
+def opposed_pairs(n: int, seed: int) -> Dataset:
+    """Clear pairs labelled by two annotators with opposite tastes: `fan` prefers the positive side, `grump` the
+    negative one; a pooled model cannot serve both, a model with one head per annotator can."""
+    rows = clear_pairs(n, seed).to_list()
+    for i, row in enumerate(rows):
+        if i % 2:
+            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        row["annotator"] = "grump" if i % 2 else "fan"
+    return Dataset.from_list(rows)
+
+
+def test_head_of_scores_each_pair_on_its_annotators_head():
+    """A batch is chosen rows then rejected rows; each pair's two rows are read on the head of its annotator."""
+
+    class Model:
+        def __call__(self, **inputs):
+            from transformers.modeling_outputs import SequenceClassifierOutput
+
+            return SequenceClassifierOutput(logits=torch.arange(12.0).reshape(4, 3))  # 2 pairs, 3 heads
+
+    picked = HeadOf(Model(), torch.tensor([2, 0]))(input_ids=None).logits
+    assert picked.shape == (4, 1) and picked.squeeze(-1).tolist() == [2.0, 3.0, 8.0, 9.0]
+
+
+def test_mix_weights_are_normalised_per_head_and_checked():
+    heads = ["concise", "critic", "enthusiast"]
+    assert RewardConditioning("per_annotator").weights(heads) == pytest.approx([1 / 3] * 3)
+    assert RewardConditioning("per_annotator", {"enthusiast": 3, "concise": 1}).weights(heads) == [0.25, 0.0, 0.75]
+    with pytest.raises(ValueError, match=r"^mix = .*'fans'.*label no pairs"):
+        RewardConditioning("per_annotator", {"fans": 1}).weights(heads)
+    for bad in ({"critic": -1}, {"critic": 0}, {"critic": "a lot"}, [1, 2]):
+        with pytest.raises(ValueError, match=r"^mix = .* weights >= 0"):
+            RewardConditioning("per_annotator", bad)
+    with pytest.raises(ValueError, match=r"^mix = .*reward\.conditioning=per_annotator"):
+        RewardConditioning("pooled", {"critic": 1})
+    with pytest.raises(ValueError, match=r"^conditioning = 'per_profile' is invalid: use one of pooled, per_annot"):
+        RewardConditioning("per_profile")
+
+
+def test_per_profile_accuracy_uses_each_profiles_head():
+    """Per profile: the pairs it labelled, scored by its own head; overall: the mixed scalar RL optimises."""
+
+    class TwoHeads(StubScorer):
+        heads, mix = ["fan", "grump"], [0.5, 0.5]
+
+        def score_heads(self, prompts, completions, batch_size):
+            return [[self.table[c], -self.table[c]] for c in completions]
+
+    pairs = Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "fan"},
+                               {"prompt": "p", "chosen": "b", "rejected": "a", "annotator": "grump"},
+                               {"prompt": "p", "chosen": "b", "rejected": "a", "annotator": "fan"}])  # fmt: skip
+    metrics = pairwise_accuracy(TwoHeads({"a": 2.0, "b": 1.0}), pairs, 4)
+    assert metrics["reward/eval_accuracy/fan"] == 0.5 and metrics["reward/eval_accuracy/grump"] == 1.0
+    assert metrics["reward/eval_accuracy_own_annotator"] == pytest.approx(2 / 3)
+    assert metrics["reward/eval_accuracy"] == 0.5  # the equal mix scores every text 0: all ties
+    pooled = pairwise_accuracy(StubScorer({"a": 2.0, "b": 1.0}), pairs, 4)
+    assert pooled["reward/eval_accuracy/fan"] == 0.5 and pooled["reward/eval_accuracy/grump"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def conditioned_run(tiny_checkpoint, tmp_path_factory):
+    """RewardTrainer runs on pairs from two opposed annotators: one head per annotator, and pooled."""
+    root = tmp_path_factory.mktemp("conditioned")
+    cfg = compose_config(["reward.args.num_train_epochs=8", "reward.args.per_device_train_batch_size=16",
+                          "reward.args.learning_rate=0.003", "reward.args.warmup_steps=0"])  # fmt: skip
+    pairs = opposed_pairs(64, seed=0)
+    runs = {"per_annotator": (pairs, {"heads": ["fan", "grump"], "mix": [1.0, 0.0]}),
+            "pooled": (pairs.remove_columns("annotator"), {})}
+    for name, (train, conditioning) in runs.items():
+        args = instantiate(cfg["reward"]["args"], output_dir=str(root / name / "trainer"))
+        train_reward_model(tiny_checkpoint, train, args, root / name / "model", **conditioning)
+    return {"root": root, "held_out": opposed_pairs(32, seed=1)}
+
+
+def test_conditioned_model_learns_each_annotators_taste_and_scores_by_its_mix(conditioned_run):
+    scorer = RewardScorer(str(conditioned_run["root"] / "per_annotator" / "model"), "cpu", None)
+    assert scorer.heads == ["fan", "grump"] and scorer.mix == [1.0, 0.0]
+    assert scorer.model.config.id2label == {0: "fan", 1: "grump"}
+    metrics = pairwise_accuracy(scorer, conditioned_run["held_out"], 16)
+    assert metrics["reward/eval_accuracy/fan"] > 0.8 and metrics["reward/eval_accuracy/grump"] > 0.8, metrics
+    assert metrics["reward/eval_accuracy"] == pytest.approx(0.5, abs=0.2)  # the mix serves the fan only
+    heads = scorer.score_heads(["the cat"], [" very good"], 1)[0]
+    assert scorer.score(["the cat"], [" very good"], 1) == pytest.approx([heads[0]], abs=1e-5)
+    tokens = scorer.tokenizer(["the cat very good" + scorer.tokenizer.eos_token], return_tensors="pt")
+    assert scorer.score_ids(tokens.input_ids, tokens.attention_mask, 1) == pytest.approx([heads[0]], abs=1e-4)
+    pooled = pairwise_accuracy(RewardScorer(str(conditioned_run["root"] / "pooled" / "model"), "cpu", None),
+                               conditioned_run["held_out"], 16)
+    assert pooled["reward/eval_accuracy_own_annotator"] < metrics["reward/eval_accuracy_own_annotator"], pooled
