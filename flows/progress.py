@@ -87,3 +87,41 @@ def summary_table(results: list[dict[str, Any]], headline: dict[str, list[str]])
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
              for row in rows]
     return "\n".join([lines[0], "-" * max(len(line) for line in lines), *lines[1:]])
+
+
+class PeakMemory:
+    """The peak resident memory of this process while a block runs, sampled from /proc/self/statm every `every_s`
+    (`peak_gib` after the block): what a stage needs, so a user can size a machine for it. Processes a stage
+    launches (`accelerate launch`) are not counted."""
+
+    def __init__(self, every_s: float = 0.1) -> None:
+        import threading
+
+        self.every_s, self.peak_gib = every_s, resident_gib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_gib = max(self.peak_gib, resident_gib())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak_gib = max(self.peak_gib, resident_gib())
+
+
+def resident_gib() -> float:
+    """This process's resident memory in GiB (0 where /proc is missing)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30

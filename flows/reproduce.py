@@ -5,8 +5,8 @@ tag), the code (`mlflow.source.git.commit` tag) and the package versions (`packa
 where today's code or packages differ. It reruns the recorded config with only its store moved to a new
 ALIGNFLOW_ROOT (a temporary folder, or an empty `--root`): no stage can be reused, everything is rebuilt. Groups
 added to the config since then get today's defaults (with a warning). Finally it prints each metric of the
-pipeline run and its stage runs side by side; timings and store bookkeeping (`*seconds*`, `pipeline/*`,
-`register/*`) are listed apart and never compared.
+pipeline run and its stage runs side by side; timings, memory and store bookkeeping (`*seconds*`, `*peak_rss*`,
+`pipeline/*`, `register/*`) are listed apart and never compared.
 
 Exit status: 0 when every `eval/*` metric matches within `--tolerance` (default 0: exactly), 1 when one differs
 or is missing, 2 on bad input (unknown run, no recorded config, a non-empty `--root`).
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 #: Numbers that measure the machine or the store rather than the result: shown, never compared.
-VOLATILE = re.compile(r"seconds|runtime|per_second|^pipeline/|^register/")
+VOLATILE = re.compile(r"seconds|runtime|per_second|peak_rss|^pipeline/|^register/")
 
 
 class ReproduceError(Exception):
