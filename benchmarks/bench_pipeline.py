@@ -1,8 +1,10 @@
 """Benchmark the pipeline on the embedded default: per-stage wall time, orchestration overhead, cached rerun, memory.
 
-Run by hand (`make bench`, or `python benchmarks/bench_pipeline.py [hydra overrides…]`). Everything is measured
-in one process, side by side, in a fresh store: a first run, then the identical rerun that the cache serves (its
-outputs checked by size, then once more re-hashed: `cache.verify=hashes`).
+Run by hand (`make bench`, or `python benchmarks/bench_pipeline.py [hydra overrides…]`). First in one process,
+side by side, in a fresh store: a first run, then the identical rerun that the cache serves (its outputs checked by
+size, then once more re-hashed: `cache.verify=hashes`), with each stage's peak resident memory. Then as a user
+sees it, whole `alignflow` processes in another fresh store: a first run, the identical rerun with Prefect's
+temporary server, and the same rerun against a running `prefect server` (what alignflow uses when it finds one).
 Prints ratios rather than asserting speeds; torch's thread count is fixed and reported.
 """
 
@@ -11,9 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
 
 
 def main(overrides: list[str]) -> None:
@@ -37,9 +43,10 @@ def main(overrides: list[str]) -> None:
 
     compute = sum(s["seconds"] for s in first["stages"])
     print(f"\nalignflow benchmark  overrides={overrides}  torch threads={torch.get_num_threads()}  store={root}")
-    print(f"{'stage':8} {'wall s':>8} {'compute s':>10} {'rerun s':>8}")
+    print(f"{'stage':8} {'wall s':>8} {'compute s':>10} {'rerun s':>8} {'peak RSS GiB':>13}")
     for a, b in zip(first["stages"], second["stages"], strict=True):
-        print(f"{a['stage']:8} {a['wall']:8.1f} {a['seconds']:10.1f} {b['wall']:8.2f}")
+        rss = a["metrics"].get(f"{a['stage']}/peak_rss_gib", float("nan"))
+        print(f"{a['stage']:8} {a['wall']:8.1f} {a['seconds']:10.1f} {b['wall']:8.2f} {rss:13.2f}")
     print(f"first run: flow {first['seconds']:.1f} s, process call {first_wall:.1f} s (incl. Prefect start-up)")
     print(f"pipeline flow total / sum of stage compute = {first['seconds'] / compute:.3f}"
           f"  (orchestration overhead {first['seconds'] - compute:.1f} s)")
@@ -55,5 +62,51 @@ def main(overrides: list[str]) -> None:
         print(f"{name:28} {metrics.get(name, float('nan')):.4f}")
 
 
+def run_cli(overrides: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one whole `alignflow` process (imports, Prefect, the flow, exit)."""
+    start = time.monotonic()
+    subprocess.run([str(BIN / "alignflow"), *overrides], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.monotonic() - start
+
+
+def whole_process(overrides: list[str]) -> None:
+    """First run, identical rerun (temporary Prefect server), identical rerun with a running Prefect server."""
+    root = Path(tempfile.mkdtemp(prefix="alignflow-bench-cli-"))
+    threads = os.environ.get("BENCH_THREADS", "2")
+    env = {**os.environ, "ALIGNFLOW_ROOT": str(root), "ALIGNFLOW_PREFECT_SERVER": "none", "OMP_NUM_THREADS": threads}
+    env.pop("PREFECT_API_URL", None)
+    args = [*overrides, f"num_threads={threads}"]
+    first = run_cli(args, env)
+    rerun = run_cli(args, env)
+    home = root / "prefect-server"
+    home.mkdir()
+    port = 4300 + os.getpid() % 500
+    url = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env={**env, "PREFECT_HOME": str(home)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        run_cli(args, {**env, "PREFECT_API_URL": url})  # the server's first flow run registers the flow
+        served = run_cli(args, {**env, "PREFECT_API_URL": url})
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait()
+    print(f"\nwhole process: first run {first:.1f} s; identical rerun {rerun:.1f} s with a temporary Prefect server "
+          f"(ratio {rerun / first:.3f}), {served:.1f} s with a running one (ratio {served / first:.3f})")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    argv = [a for a in sys.argv[1:] if a != "--no-process"]
+    main(argv)
+    if "--no-process" not in sys.argv:
+        whole_process(argv)

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-import flows  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
+os.environ.setdefault("ALIGNFLOW_PREFECT_SERVER", "none")  # the harness, never a developer's server on :4200
+import flows  # noqa: E402, F401  (sets Prefect's environment defaults before prefect is imported)
 
 torch.set_num_threads(2)
 

@@ -56,7 +56,8 @@ def cli_env(root: Path | None = None, threads: int = 1, **extra: str) -> dict[st
     """The environment of an alignflow process started by a test: offline, `threads` torch threads, its own store
     under `root` (Prefect's home and the datasets cache with it), then `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in INHERITED}
-    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               ALIGNFLOW_PREFECT_SERVER="none")  # never a developer's own server on :4200
     if root is not None:
         env["ALIGNFLOW_ROOT"] = str(root)
     return {**env, **extra}
