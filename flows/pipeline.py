@@ -76,6 +76,7 @@ class Pipeline:
         end_run(self.run_id, ok)
         headline = {name: list(stage.headline) for name, stage in STAGES.items()}
         table = summary_table([{**r, "seconds": r["wall"]} for r in self.results], headline)
+        table += _worst_served(self.results)
         outcome = "finished" if ok else "FAILED"
         log.info("pipeline %s %s after %.1fs\n%s", self.cfg["pipeline"]["name"], outcome, total, table)
         publish_summary(self.results, headline, ok, self.cfg["pipeline"]["name"],  # a Prefect table artifact
@@ -88,6 +89,17 @@ class Pipeline:
         else:
             log.info("MLflow run %s; browse with:  %s ui --backend-store-uri %s", self.run_id, mlflow_cli, uri)
         return {"mlflow_run_id": self.run_id, "seconds": total, "stages": self.results}
+
+
+def _worst_served(results: list[dict[str, Any]]) -> str:
+    """A line under the summary naming the annotator profile the policy serves worst (data with profiles only)."""
+    from components.evaluate import PROFILE_WIN_RATE, worst_served
+
+    metrics = {k: v for r in results if r["stage"] == "eval" for k, v in r["metrics"].items()}
+    worst = worst_served(metrics)
+    if worst is None:
+        return ""
+    return f"\nserves profile {worst} worst: gold win rate vs SFT {metrics[PROFILE_WIN_RATE + worst]:.3f}"
 
 
 def _intact(stage_dir: Path, verify: str) -> bool:

@@ -56,3 +56,12 @@ def test_the_two_runs_share_data_and_sft_and_differ_from_the_reward_model_on(div
     assert keys["pooled"]["reward"] != keys["per_annotator"]["reward"]
     cached = {s["stage"]: s["cached"] for s in summaries["per_annotator"]["stages"]}
     assert cached["data"] and cached["sft"] and not cached["reward"]
+
+
+def test_summary_names_the_worst_served_profile():
+    from flows.pipeline import _worst_served
+
+    results = [{"stage": "eval", "metrics": {"eval/gold_win_rate_vs_sft/concise": 0.7,
+                                             "eval/gold_win_rate_vs_sft/critic": 0.45, "eval/kl_to_sft": 1.0}}]
+    assert _worst_served(results) == "\nserves profile critic worst: gold win rate vs SFT 0.450"
+    assert _worst_served([{"stage": "eval", "metrics": {"eval/win_rate_vs_sft": 0.6}}]) == ""
