@@ -300,7 +300,8 @@ def _check_conditioning(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"config field `reward.conditioning` = 'per_annotator' needs pairs labelled by annotators, "
                           f"but pipeline={cfg['pipeline']['name']} has the AI judge label them: use pipeline=rlhf, "
                           "or reward.conditioning=pooled")
-    if cfg["data"]["source"] == "embedded" and not names:
+    human_loop = (cfg.get("feedback") or {}).get("loop", False)  # Label Studio's users are the annotators
+    if cfg["data"]["source"] == "embedded" and not names and not human_loop:
         raise ConfigError("config field `reward.conditioning` = 'per_annotator' needs annotator profiles: use "
                           "data=embedded_diverse (or set data.embedded.annotators), or reward.conditioning=pooled")
     if names:

@@ -121,6 +121,10 @@ def test_bad_feedback_config_names_the_field(overrides, field):
         validate_config(compose_config(["feedback=human_loop", *overrides]))
 
 
+def test_rankings_from_label_studio_can_train_one_head_per_annotator():
+    validate_config(compose_config(["feedback=human_loop", "reward.conditioning=per_annotator"]))
+
+
 def test_default_runs_without_feedback_stage():
     cfg = compose_config([])
     assert cfg["feedback"] == {"loop": False}

@@ -5,7 +5,7 @@ pipeline with `feedback=human_loop` samples K responses per prompt from SFT, sen
 and pauses its flow run. Simulated annotators rank the tasks through Label Studio's API
 (`alignflow-feedback simulate`), `alignflow-feedback resume` resumes the run, and the reward model trains on the
 pairs those rankings give, each with its annotator. A rerun asks for nothing already ranked; a second round with a
-larger budget sends only new items.
+larger budget sends only new items, and its reward model has one head per annotator.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def test_rank_in_label_studio_resume_and_train(label_studio, prefect_server, tmp
     # A second round with a larger budget sends only items nobody ranked.
     second = tmp_path / "second.log"
     proc = start_pipeline(root, env, [f"feedback.label_studio.url={label_studio}",
-                                      f"feedback.budget={2 * BUDGET}", "feedback.wait.mode=poll"], second)
+                                      f"feedback.budget={2 * BUDGET}", "feedback.wait.mode=poll",
+                                      "reward.conditioning=per_annotator"], second)  # a head per ranker
     deadline = time.monotonic() + 300
     while len(list(project.tasks())) < 3 * BUDGET:
         assert proc.poll() is None and time.monotonic() < deadline, second.read_text()[-4000:]
@@ -169,3 +170,4 @@ def test_rank_in_label_studio_resume_and_train(label_studio, prefect_server, tmp
     assert request["feedback_request/n_sent"] == 2 * BUDGET
     assert len(project.rankings()) == 3 * BUDGET
     assert stage_metrics(root, "feedback")["feedback/n_rankings"] == 3 * BUDGET
+    assert "reward/eval_accuracy" in stage_metrics(root, "reward")  # trained with one head per annotator
