@@ -63,6 +63,22 @@ def cli_env(root: Path | None = None, threads: int = 1, **extra: str) -> dict[st
     return {**env, **extra}
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    """Wait until GET `url` answers 200; fail with the server's log tail if `proc` exits or `timeout` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} did not answer {url} in {timeout:.0f} s"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:

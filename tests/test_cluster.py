@@ -24,13 +24,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from hydra.core.utils import JobStatus
 
 from flows.dispatch import NO_SERVER, JobFailed, job_env, job_return, register_launcher, thread_split, with_threads
 from flows.sweep import SWEEP_ENV, SweepCallback
-from tests.helpers import TINY, cli_env, free_port, stop_group
+from tests.helpers import TINY, cli_env, free_port, stop_group, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -141,19 +140,6 @@ def _pg_bin(name: str) -> str:
     return str(found)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"{what} did not answer {url} in time:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL cluster (initdb, pg_ctl) on 127.0.0.1 and a free port with an empty database
@@ -207,13 +193,13 @@ def cluster(postgres, tmp_path_factory) -> Iterator[dict[str, str]]:
                        "--workers", "1")
         prefect = start("prefect", "prefect", "server", "start", "--host", "127.0.0.1",
                         "--port", prefect_url.rsplit(":", 1)[1].removesuffix("/api"))
-        _wait_healthy(f"{prefect_url}/health", *prefect, "prefect server")
+        wait_healthy(f"{prefect_url}/health", *prefect, 180, "prefect server")
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", "alignflow", "--type", "process"], env=env,
                        check=True, capture_output=True, cwd=tmp)
         for i in (1, 2):
             start(f"worker-{i}", "prefect", "worker", "start", "--pool", "alignflow", "--limit", "1",
                   "--name", f"worker-{i}")
-        _wait_healthy(f"{mlflow_url}/health", *mlflow, "mlflow server")
+        wait_healthy(f"{mlflow_url}/health", *mlflow, 180, "mlflow server")
         yield {"mlflow": mlflow_url, "prefect": prefect_url, "postgres": postgres, "logs": str(tmp)}
     finally:
         for proc in reversed(procs):  # workers first, then the servers

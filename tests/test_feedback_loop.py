@@ -23,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.label_studio import RankingProject
-from tests.helpers import cli_env, free_port, stop_group
+from tests.helpers import cli_env, free_port, stop_group, wait_healthy
 from tests.test_serve import prefect_server  # noqa: F401  (the module-scoped server fixture)
 
 pytestmark = pytest.mark.feedback_loop
@@ -61,16 +61,7 @@ def label_studio(tmp_path_factory) -> Iterator[str]:
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (data / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "label-studio did not answer /health in 180 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(f"{url}/health", proc, data / "server.log", 180, "label-studio")
         yield url
     finally:
         stop_group(proc)

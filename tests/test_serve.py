@@ -14,14 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 from flows.naming import run_name
 from flows.prefect_run import SUMMARY_KEY, mlflow_run_link, pipeline_of
 from flows.serve import NO_SERVER, ScheduleError, check_overrides, load_schedule, main
-from tests.helpers import TINY, cli_env, free_port, stop_group
+from tests.helpers import TINY, cli_env, free_port, stop_group, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -123,16 +122,7 @@ def prefect_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
                                           PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2"),  # plans soon
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "prefect server did not answer /api/health in 120 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(f"{url}/health", proc, home / "server.log", 120, "prefect server")
         yield url, home
     finally:
         stop(proc)
