@@ -70,7 +70,8 @@ def final_metrics(out: str, root: Path) -> dict[str, float]:
                               filter_string="tags.`alignflow.stage` = 'eval'", order_by=["start_time DESC"])
     parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"]).data.metrics
     merged = {**runs[0].data.metrics, **parent}  # eval's headline lives on the pipeline run, the rest on its own
-    return {k: v for k, v in merged.items() if k.startswith("eval/") and k != "eval/seconds"}
+    volatile = ("eval/seconds", "eval/peak_rss_gib")  # timing and memory differ from run to run
+    return {k: v for k, v in merged.items() if k.startswith("eval/") and k not in volatile}
 
 
 def statuses(root: Path) -> dict[str, int]:
