@@ -431,7 +431,6 @@ def request_feedback(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict
     Studio's import format, for Argilla or in-house tools). Items someone already ranked are never sent again."""
     from components.feedback import FeedbackSettings, LabelStore, label_studio_task, open_items, sample_candidates
     from components.generation import SamplingSettings
-    from components.label_studio import RankingProject
     from components.selection import select_prompts
 
     cfg = spec["config"]["feedback"]
@@ -447,7 +446,7 @@ def request_feedback(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict
     (stage_dir / "tasks.json").write_text(json.dumps([label_studio_task(item) for item in chosen], indent=1))
     mlflow.log_artifact(str(stage_dir / "tasks.json"))  # the round as a file, for Argilla or in-house tools
     studio = cfg["label_studio"]
-    project = RankingProject(studio["url"], _label_studio_key(studio), studio["project"])
+    project = label_studio_project(studio)
     imported = project.import_items(chosen)
     request = {"url": studio["url"], "project": studio["project"], "project_id": project.id,
                "sent": [item["key"] for item in chosen], "candidates": [item["key"] for item in items]}
@@ -458,15 +457,17 @@ def request_feedback(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict
             "feedback_request/n_sent": float(len(chosen)), "feedback_request/n_imported": float(imported)}
 
 
-def _label_studio_key(studio: dict[str, Any]) -> str:
-    """The Label Studio API token from the environment variable the config names."""
+def label_studio_project(studio: dict[str, Any]) -> Any:
+    """The `feedback.label_studio` project, with the API token from the environment variable the config names."""
     import os
+
+    from components.label_studio import RankingProject
 
     key = os.environ.get(studio["api_key_env"], "")
     if not key:
         raise ValueError(f"the environment variable {studio['api_key_env']} (feedback.label_studio.api_key_env) "
                          "is empty: export your Label Studio API token in it (Account & Settings in its UI)")
-    return key
+    return RankingProject(studio["url"], key, studio["project"])
 
 
 def _candidate_scores(cfg: dict[str, Any], items: list[dict[str, Any]], device: str) -> list[list[list[float]]]:

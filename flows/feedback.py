@@ -18,6 +18,8 @@ from typing import Any
 
 from prefect.input import RunInput
 
+from flows.bodies import label_store_path, label_studio_project
+
 log = logging.getLogger("alignflow")
 
 
@@ -35,24 +37,16 @@ def gather_feedback(pipe: Any, **upstream: dict[str, Any]) -> dict[str, Any]:
     return pipe.run("feedback", data=upstream["data"], labels=labels)
 
 
-def _project(cfg: dict[str, Any]) -> Any:
-    from components.label_studio import RankingProject
-    from flows.bodies import _label_studio_key
-
-    studio = cfg["label_studio"]
-    return RankingProject(studio["url"], _label_studio_key(studio), studio["project"])
-
-
 def wait_for_rankings(cfg: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     """Wait until `feedback.wait.min_labelled` of the round's items are ranked; store the rankings; return the
     snapshot of every ranking of this round's candidates as an upstream result (path and content digest)."""
     from components.feedback import LabelStore
 
     asked = json.loads((Path(request["path"]) / "request.json").read_text())
-    store = LabelStore(Path(request["path"]).parents[1] / "feedback_labels" / "rankings.jsonl")
+    store = LabelStore(label_store_path({"dir": request["path"]}))
     wait, sent = cfg["wait"], set(asked["sent"])
     deadline = time.monotonic() + wait["timeout_hours"] * 3600
-    project, said = _project(cfg), None
+    project, said = label_studio_project(cfg["label_studio"]), None
     while True:
         store.add(project.rankings(sent))
         ranked = len(sent & store.labelled_keys())
@@ -117,7 +111,7 @@ def simulate(overrides: list[str], seed: int, limit: int | None) -> int:
 
     cfg = compose_config(["feedback=human_loop", *overrides])["feedback"]
     profiles = [AnnotatorProfile.from_config(p) for p in cfg["simulated_annotators"]]
-    return play_annotators(_project(cfg), profiles, seed, limit)
+    return play_annotators(label_studio_project(cfg["label_studio"]), profiles, seed, limit)
 
 
 def main(argv: list[str] | None = None) -> None:
