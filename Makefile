@@ -79,6 +79,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_ppo_vs_trl.py
+	$(BIN)/python benchmarks/bench_sweep.py
 
 clean:
 	rm -rf mlruns .alignflow outputs multirun

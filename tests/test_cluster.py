@@ -13,14 +13,8 @@ trained once, every run is in the PostgreSQL store, and the dispatched sweep tak
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,13 +23,7 @@ from hydra.core.utils import JobStatus
 
 from flows.dispatch import NO_SERVER, JobFailed, job_env, job_return, register_launcher, thread_split, with_threads
 from flows.sweep import SWEEP_ENV, SweepCallback
-from tests.helpers import TINY, cli_env, free_port, stop_group, wait_healthy
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-KL = "rl.kl_coef=0.05,0.1,0.2,0.4"
-#: TINY with more PPO updates (the part of each job that runs in parallel) and no fixed num_threads.
-JOB = [o for o in TINY if not o.startswith(("num_threads=", "rl.total_updates="))] + ["rl.total_updates=96"]
+from tests import stack
 
 
 # ----------------------------------------------------------------------------------- the launcher's own parts
@@ -128,110 +116,18 @@ def test_tracking_server_option_points_at_the_server(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- a real cluster
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: there, run its binaries as the `postgres` user."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-def _pg_bin(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
-    if found is None:
-        pytest.fail(f"`{name}` not found: install PostgreSQL's server binaries (Debian: apt-get install postgresql)")
-    return str(found)
-
-
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster (initdb, pg_ctl) on 127.0.0.1 and a free port with an empty database
-    `mlflow`; stopped and deleted at the end. Its URI for MLflow."""
-    import psycopg2
-
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    home = Path(tempfile.mkdtemp(prefix="alignflow-pg-"))  # not under pytest's root-only tmp: postgres reads it
-    if os.geteuid() == 0:
-        shutil.chown(home, "postgres")
-    data, port = home / "data", free_port()
-    try:
-        subprocess.run(_as_postgres([initdb, "-D", str(data), "-A", "trust", "-U", "postgres"]),
-                       check=True, capture_output=True)
-        subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-o", f"-p {port} -k {home} -c listen_addresses="
-                                     "127.0.0.1", "-l", str(home / "server.log"), "-w", "start"]),
-                       check=True, capture_output=True)
-        connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("CREATE DATABASE mlflow")
-        connection.close()
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"]), capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def cluster(postgres, tmp_path_factory) -> Iterator[dict[str, str]]:
-    """An MLflow server on the PostgreSQL store, a Prefect server, work pool `alignflow` (process) and two
-    workers (one run at a time each); every process stopped at the end."""
-    tmp = tmp_path_factory.mktemp("cluster")
-    mlflow_url, prefect_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}/api"
-    env = cli_env(PREFECT_HOME=str(tmp / "prefect"), PREFECT_API_URL=prefect_url, PREFECT_UI_API_URL=prefect_url,
-                  PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_TRACKING_URI=mlflow_url,
-                  PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *cmd: str) -> tuple[subprocess.Popen, Path]:
-        log = tmp / f"{name}.log"
-        with log.open("w") as out:
-            procs.append(subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True, cwd=tmp))
-        return procs[-1], log
-
-    try:
-        store = postgres.replace("postgresql://", "postgresql+psycopg2://")  # SQLAlchemy 2.1's default is psycopg 3
-        mlflow = start("mlflow", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
-                       str(tmp / "mlflow-artifacts"), "--host", "127.0.0.1", "--port", mlflow_url.rsplit(":", 1)[1],
-                       "--workers", "1")
-        prefect = start("prefect", "prefect", "server", "start", "--host", "127.0.0.1",
-                        "--port", prefect_url.rsplit(":", 1)[1].removesuffix("/api"))
-        wait_healthy(f"{prefect_url}/health", *prefect, 180, "prefect server")
-        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "alignflow", "--type", "process"], env=env,
-                       check=True, capture_output=True, cwd=tmp)
-        for i in (1, 2):
-            start(f"worker-{i}", "prefect", "worker", "start", "--pool", "alignflow", "--limit", "1",
-                  "--name", f"worker-{i}")
-        wait_healthy(f"{mlflow_url}/health", *mlflow, 180, "mlflow server")
-        yield {"mlflow": mlflow_url, "prefect": prefect_url, "postgres": postgres, "logs": str(tmp)}
-    finally:
-        for proc in reversed(procs):  # workers first, then the servers
-            stop_tree(proc)
-
-
-def stop_tree(proc: subprocess.Popen) -> None:
-    """`stop_group`, then SIGKILL what the process had started in sessions of their own (a worker's flow-run
-    processes, should a run still be going), each checked by psutil to be that very process."""
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    stop_group(proc, grace=15)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A PostgreSQL cluster, an MLflow server on it, a Prefect server, work pool `alignflow` and two workers
+    (tests/stack.py); all stopped and deleted at the end."""
+    with stack.postgres() as uri, stack.sweep_cluster(uri, tmp_path_factory.mktemp("cluster")) as servers:
+        yield servers
 
 
 def sweep(cluster: dict[str, str], root: Path, *args: str, threads: int) -> tuple[float, str]:
     """`alignflow -m …` against the cluster on a fresh root: (wall seconds, its output); it must succeed."""
-    env = cli_env(root, threads=threads, PREFECT_API_URL=cluster["prefect"], MLFLOW_TRACKING_URI=cluster["mlflow"],
-                  PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    start = time.monotonic()
-    done = subprocess.run([str(BIN / "alignflow"), "-m", "tracking=server", *args, *JOB, KL], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=420)
-    seconds = time.monotonic() - start
-    output = done.stdout + done.stderr
-    (root / "sweep.log").write_text(output)  # kept with the test's temporary files
-    assert done.returncode == 0, output[-6000:]
+    seconds, output, status = stack.run_sweep(cluster, root, *args, threads=threads)
+    assert status == 0, output[-6000:]
     return seconds, output
 
 
@@ -251,10 +147,8 @@ def test_sweep_on_two_workers_shares_sft_tracks_in_postgres_and_beats_sequential
 
     (tmp_path / "sequential").mkdir()
     (tmp_path / "dispatched").mkdir()
-    dispatched, output = sweep(cluster, tmp_path / "dispatched", "hydra/launcher=prefect", "hydra.launcher.cores=2",
-                               "hydra.launcher.poll_seconds=1", threads=1)
-    sequential, _ = sweep(cluster, tmp_path / "sequential", "tracking.experiment_name=sequential", "num_threads=1",
-                          threads=1)
+    dispatched, output = sweep(cluster, tmp_path / "dispatched", *stack.DISPATCHED, threads=1)
+    sequential, _ = sweep(cluster, tmp_path / "sequential", *stack.SEQUENTIAL, threads=1)
     print(f"\ndispatched sweep {dispatched:.1f}s, sequential sweep {sequential:.1f}s")
     assert "dispatching 4 jobs to work pool `alignflow` (process)" in output and "1 thread(s) each" in output
 
