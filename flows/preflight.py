@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from components.data import DatasetValidationError
+from components.errors import DatasetValidationError
 from flows.config import ConfigError, select, trainer_stages
 
 log = logging.getLogger("alignflow")
@@ -113,23 +113,26 @@ def _fingerprint(cfg: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- machine
 def check_machine(cfg: dict[str, Any]) -> None:
-    """CUDA asked for (device, or bf16/fp16 in a trainer's args) on a machine where torch sees no GPU."""
-    import torch
-
+    """CUDA asked for (device, or bf16/fp16 in a trainer's args) on a machine where torch sees no GPU. Torch is
+    imported only when something asks for CUDA (`auto` and `cpu` never fail here)."""
     if cfg["num_threads"] and cfg["num_threads"] > (os.cpu_count() or 1):
         log.warning("num_threads=%d is more than this machine's %d CPUs", cfg["num_threads"], os.cpu_count())
+    devices = [(field, value) for field in DEVICE_FIELDS
+               if isinstance(value := select(cfg, field), str) and value.startswith("cuda")]
+    flags = [(stage, flag) for stage in trainer_stages(cfg) for flag in GPU_FLAGS if cfg[stage]["args"].get(flag)]
+    if not devices and not flags:
+        return
+    import torch
+
     if torch.cuda.is_available():
         return
     why = f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else "torch sees no GPU"
-    for field in DEVICE_FIELDS:
-        value = select(cfg, field)
-        if isinstance(value, str) and value.startswith("cuda"):
-            raise _invalid(field, value, f"no CUDA GPU on this machine ({why}); use device=auto or device=cpu")
-    for stage in trainer_stages(cfg):
-        for flag in GPU_FLAGS:
-            if cfg[stage]["args"].get(flag):
-                raise _invalid(f"{stage}.args.{flag}", True, f"it needs a CUDA GPU ({why}); drop +trainer=gpu "
-                               f"or set {stage}.args.{flag}=false")
+    if devices:  # the first field that asks, as before: device, then the trainers' flags
+        field, value = devices[0]
+        raise _invalid(field, value, f"no CUDA GPU on this machine ({why}); use device=auto or device=cpu")
+    stage, flag = flags[0]
+    raise _invalid(f"{stage}.args.{flag}", True, f"it needs a CUDA GPU ({why}); drop +trainer=gpu "
+                   f"or set {stage}.args.{flag}=false")
 
 
 def check_scaling(cfg: dict[str, Any]) -> None:
@@ -171,8 +174,6 @@ def _check_launch_machine(accelerate: dict[str, Any]) -> None:
     """GPU processes need as many CUDA GPUs; DeepSpeed needs its package."""
     from importlib.util import find_spec
 
-    import torch
-
     kind, n = accelerate["config"].get("distributed_type"), accelerate["num_processes"]
     if kind == "DEEPSPEED" and find_spec("deepspeed") is None:
         raise _invalid("accelerate.config.distributed_type", kind, "the deepspeed package is not installed: "
@@ -180,6 +181,8 @@ def _check_launch_machine(accelerate: dict[str, Any]) -> None:
                        "accelerate=ddp or accelerate=fsdp")
     if accelerate["config"].get("use_cpu"):
         return
+    import torch
+
     gpus = torch.cuda.device_count()
     if gpus < n:
         raise _invalid("accelerate.num_processes", n, f"accelerate={accelerate['name']} runs one process per GPU "

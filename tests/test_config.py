@@ -17,6 +17,7 @@ from trl import RewardConfig, SFTConfig
 
 from components.ppo import PPOSettings
 from flows.config import CONF_DIR, ConfigError, compose_config, validate_config
+from tests.helpers import cli_env
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml"))  # every option of every group
@@ -158,6 +159,23 @@ def test_cli_rejects_bad_config_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert "rl.cliprange" in proc.stdout + proc.stderr
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "artifacts").exists()
+
+
+#: ML libraries that take seconds to import; only the checks and stage bodies that use them may import them.
+ML_LIBRARIES = ("torch", "transformers", "trl", "datasets")
+
+
+def test_cli_flow_preflight_and_stages_import_no_ml_library(tmp_path):
+    """`import flows.cli` (and the flow, preflight, the stage registry) loads none of torch, transformers, TRL or
+    datasets (5-7 s together): a config error, or a rerun whose stages are all cached, must not pay for them just to
+    start; they load where a check or a stage body needs them. Run in a fresh process: this one has them all."""
+    code = ("import sys; import flows.cli, flows.config, flows.pipeline, flows.preflight, flows.stages; "
+            f"print(*(m for m in {ML_LIBRARIES!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(tmp_path),
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)  # this checkout's flows/
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [], (f"importing flows.* imported {proc.stdout.strip()}; find who with "
+                                       "`python -X importtime -c 'import flows.cli'` and import it lazily")
 
 
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
