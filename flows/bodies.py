@@ -247,7 +247,7 @@ def _tag_worst_served(metrics: dict[str, float], run_id: str) -> None:
     """Name the profile the policy serves worst: a tag on this run and the pipeline run, and a log line."""
     import logging
 
-    from components.evaluate import PROFILE_WIN_RATE, worst_served
+    from components.annotators import PROFILE_WIN_RATE, worst_served
 
     worst = worst_served(metrics)
     if worst is None:

@@ -92,7 +92,7 @@ class Pipeline:
 
 def _worst_served(results: list[dict[str, Any]]) -> str:
     """A line under the summary naming the annotator profile the policy serves worst (data with profiles only)."""
-    from components.evaluate import PROFILE_WIN_RATE, worst_served
+    from components.annotators import PROFILE_WIN_RATE, worst_served
 
     metrics = {k: v for r in results if r["stage"] == "eval" for k, v in r["metrics"].items()}
     worst = worst_served(metrics)

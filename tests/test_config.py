@@ -178,6 +178,30 @@ def test_cli_flow_preflight_and_stages_import_no_ml_library(tmp_path):
                                        "`python -X importtime -c 'import flows.cli'` and import it lazily")
 
 
+def test_preflight_remembers_a_passed_config_in_the_store(store, monkeypatch):
+    """A config that passed preflight is not checked again by a later process on the same store (a cached rerun
+    then imports no ML library); another config, or other package versions, are checked again."""
+    import flows.preflight as pf
+
+    calls = []
+    checked = pf.check_trainer_args
+    monkeypatch.setattr(pf, "check_trainer_args", lambda cfg: calls.append(1) or checked(cfg))
+
+    def new_process_preflight(cfg: dict) -> int:
+        pf._PASSED.clear()  # what a new process starts with
+        before = len(calls)
+        pf.preflight(cfg)
+        return len(calls) - before
+
+    cfg = compose_config([])
+    assert new_process_preflight(cfg) == 1
+    assert (store / ".alignflow" / pf.PASSED_FILE).exists()
+    assert new_process_preflight(cfg) == 0
+    assert new_process_preflight(compose_config(["rl.kl_coef=0.3"])) == 1
+    monkeypatch.setattr(pf, "_versions", lambda: {"trl": "0.0.1"})
+    assert new_process_preflight(cfg) == 1
+
+
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
 def test_hparams_searches_compose_with_sweeper_params(search):
     from hydra import compose as hydra_compose
