@@ -128,3 +128,13 @@ def profile_pair_stats(rows: Sequence[Mapping[str, Any]], profiles: Sequence[Ann
     stats[f"{prefix}_profile_disagreement"] = disagreement(profiles, [r["chosen"] for r in rows],
                                                            [r["rejected"] for r in rows])
     return stats
+
+
+#: The per-profile gold win rate over SFT (an eval metric) is `PROFILE_WIN_RATE + <profile name>`.
+PROFILE_WIN_RATE = "eval/gold_win_rate_vs_sft/"
+
+
+def worst_served(metrics: dict[str, float]) -> str | None:
+    """The profile with the lowest gold win rate over SFT in `metrics` (the first of a tie), or None."""
+    rates = {k.removeprefix(PROFILE_WIN_RATE): v for k, v in metrics.items() if k.startswith(PROFILE_WIN_RATE)}
+    return min(rates, key=rates.__getitem__) if rates else None

@@ -22,6 +22,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from components.errors import DatasetValidationError
 from components.rankings import RankingSettings, best_responses, is_ranking, rankings_to_pairs
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,6 @@ MESSAGES_ONLY_FIELDS = frozenset({"messages"})
 Records = datasets.Dataset | Sequence[dict[str, Any]]
 #: How ranked responses become pairs when a config (an older recorded one) has no `data.rankings` node.
 DEFAULT_RANKINGS = {"pairs": "all", "ties": "drop"}
-
-
-class DatasetValidationError(ValueError):
-    """A dataset that cannot be used as given; the message names the dataset, the field and the fix."""
 
 
 def _expected() -> str:

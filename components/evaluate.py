@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from components.annotators import AnnotatorProfile, disagreement
+from components.annotators import PROFILE_WIN_RATE, AnnotatorProfile, disagreement, worst_served  # noqa: F401
 from components.generation import Rollout, SamplingSettings, sample, sequence_logprobs
 from components.hooks import GoldFn
 from components.modeling import load_causal_lm, load_tokenizer
@@ -77,10 +77,6 @@ def compare_policies(
     return metrics | profile_metrics(profiles, ours.texts, base.texts), rows
 
 
-#: The per-profile gold win rate over SFT is `PROFILE_WIN_RATE + <profile name>`.
-PROFILE_WIN_RATE = "eval/gold_win_rate_vs_sft/"
-
-
 def profile_metrics(profiles: Sequence[AnnotatorProfile], policy: list[str], sft: list[str]) -> dict[str, float]:
     """How the policy's answers serve each profile (its utility is its gold): the win rate over SFT's answers to the
     same prompts (`eval/gold_win_rate_vs_sft/<name>`) and the mean utility; the worst of those win rates
@@ -97,9 +93,3 @@ def profile_metrics(profiles: Sequence[AnnotatorProfile], policy: list[str], sft
     metrics["eval/worst_profile_win_rate"] = min(metrics[PROFILE_WIN_RATE + p.name] for p in profiles)
     metrics["eval/profile_disagreement"] = disagreement(profiles, policy, sft)
     return metrics
-
-
-def worst_served(metrics: dict[str, float]) -> str | None:
-    """The profile with the lowest gold win rate over SFT in `metrics` (the first of a tie), or None."""
-    rates = {k.removeprefix(PROFILE_WIN_RATE): v for k, v in metrics.items() if k.startswith(PROFILE_WIN_RATE)}
-    return min(rates, key=rates.__getitem__) if rates else None

@@ -17,8 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from components.generation import SamplingSettings
 from components.selection import STRATEGIES
+from components.settings import SamplingSettings
 
 SOURCES = ("sft", "policy")
 #: The ranking interface: the prompt, then the K responses as a list the annotator drags into order (best first).

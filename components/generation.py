@@ -9,39 +9,14 @@ the attention mask, so a left-padded row is scored exactly like the same row wit
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How completions are sampled (evaluation, pair sampling for judges, CAI revisions); checks itself."""
-
-    max_new_tokens: int  # completion budget in tokens
-    temperature: float  # softmax temperature; plain sampling otherwise (top_k 0, top_p 1)
-    batch_size: int  # prompts per generate call (memory and speed, not results)
-    seed: int  # sampling seed: the same seed gives the same completions
-
-    def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} = {value!r} is invalid: use a positive integer")
-        if not isinstance(self.temperature, int | float) or isinstance(self.temperature, bool) \
-                or self.temperature <= 0:
-            raise ValueError(f"temperature = {self.temperature!r} is invalid: use a number > 0")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed = {self.seed!r} is invalid: use an integer")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> SamplingSettings:
-        """The settings from a config node holding (at least) these four keys."""
-        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+from components.settings import SamplingSettings
 
 
 @dataclass

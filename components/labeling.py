@@ -20,9 +20,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from components.generation import SamplingSettings
 from components.hooks import GoldFn, StepLogger
 from components.judges.base import Judge, JudgeError, Verdict
+from components.settings import SamplingSettings
 
 logger = logging.getLogger(__name__)
 

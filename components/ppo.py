@@ -20,10 +20,9 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -39,10 +38,10 @@ from components.generation import (
 )
 from components.hooks import RewardFn, StepLogger, TokenRewardFn
 from components.modeling import load_causal_lm, load_tokenizer, resolve_device
+from components.settings import KL_ESTIMATORS, RL_KEYS_READ_ELSEWHERE, PPOSettings  # noqa: F401 - re-exported
 
 VARIANCE_EPS = 1e-8  # numerical floor in whitening, not a tunable
 ADAPTIVE_KL_ERROR_CLIP = 0.2  # Ziegler et al. 2019 clip the proportional error to ±0.2
-KL_ESTIMATORS = ("k1", "k2", "k3")
 GRAD_BUCKET_NUMEL = 2**25  # gradient elements per all-reduce (128 MiB in float32): bounds the extra memory
 
 
@@ -361,91 +360,6 @@ class ValueHeadModel(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------- training
-@dataclass
-class PPOSettings:
-    """Every PPO knob; no defaults on purpose (the run config fills them all)."""
-
-    total_updates: int  # rollout + optimisation rounds
-    batch_size: int  # prompts (= completions) per rollout, over all processes when launched
-    mini_batch_size: int  # completions per optimiser step, over all processes when launched
-    ppo_epochs: int  # passes over each rollout
-    learning_rate: float  # Adam, shared by policy and value head
-    max_new_tokens: int
-    temperature: float  # sampling temperature; log-probs use the same scaling
-    kl_coef: float  # initial (or fixed) coefficient of the per-token KL penalty
-    adaptive_kl: bool  # adapt kl_coef towards target_kl
-    target_kl: float  # target summed KL per sequence (adaptive only)
-    kl_horizon: int  # adaptive controller horizon, in samples
-    kl_estimator: str  # "k1", "k2" or "k3" for the per-token KL in the reward
-    gamma: float
-    lam: float
-    cliprange: float
-    cliprange_value: float
-    vf_coef: float
-    whiten_advantages: bool
-    missing_eos_penalty: float | None  # subtracted from scores of completions without EOS; None: off
-    max_grad_norm: float
-    rollout_batch_size: int  # rows per generate / no-grad forward call (memory bound, not a learning knob)
-    seed: int
-    device: str  # "cpu", "cuda", "cuda:0", … or "auto" (cuda when available)
-
-    def __post_init__(self) -> None:
-        """Reject values that would fail late, in the middle of a run; the message names the field and the fix."""
-        for name, (ok, fix) in _PPO_CHECKS.items():
-            value = getattr(self, name)
-            if not _holds(ok, value):
-                raise ValueError(f"{name} = {value!r} is invalid: {fix}")
-        if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
-            raise ValueError(f"mini_batch_size = {self.mini_batch_size} is invalid: it must divide batch_size "
-                             f"= {self.batch_size}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> PPOSettings:
-        """Settings from the `rl` config node: every field must be there; keys alignflow reads itself are skipped."""
-        known = {f.name for f in fields(cls)}
-        for name in sorted(known - set(cfg)):
-            raise ValueError(f"{name} is missing: add it to the rl config")
-        for name in sorted(set(cfg) - known - RL_KEYS_READ_ELSEWHERE):
-            raise ValueError(f"{name} is unknown to PPO: remove it or fix its spelling")
-        return cls(**{name: cfg[name] for name in known})
-
-
-def _holds(ok: Callable[[Any], bool], value: Any) -> bool:
-    try:
-        return bool(ok(value))
-    except TypeError:
-        return False
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-RL_KEYS_READ_ELSEWHERE = {"algorithm", "reward_batch_size"}  # the rl node's keys the flow reads, not PPO
-_POSITIVE = (lambda v: _number(v) and v > 0, "use a number > 0")
-_COUNT = (_count, "use a positive integer")
-_PPO_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "total_updates": _COUNT, "batch_size": _COUNT, "mini_batch_size": _COUNT, "ppo_epochs": _COUNT,
-    "rollout_batch_size": _COUNT, "max_new_tokens": _COUNT, "kl_horizon": _POSITIVE,
-    "learning_rate": _POSITIVE, "temperature": _POSITIVE, "target_kl": _POSITIVE, "cliprange_value": _POSITIVE,
-    "max_grad_norm": _POSITIVE,
-    "kl_coef": (lambda v: _number(v) and v >= 0, "use a number >= 0"),
-    "vf_coef": (lambda v: _number(v) and v >= 0, "use a number >= 0"),
-    "gamma": (lambda v: _number(v) and 0 <= v <= 1, "use a number in [0, 1]"),
-    "lam": (lambda v: _number(v) and 0 <= v <= 1, "use a number in [0, 1]"),
-    "cliprange": (lambda v: _number(v) and 0 < v < 1, "use a number strictly between 0 and 1"),
-    "kl_estimator": (lambda v: v in KL_ESTIMATORS, f"use one of {', '.join(KL_ESTIMATORS)}"),
-    "missing_eos_penalty": (lambda v: v is None or _number(v), "use a number or null"),
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "use an integer"),
-    "adaptive_kl": (lambda v: isinstance(v, bool), "use true or false"),
-    "whiten_advantages": (lambda v: isinstance(v, bool), "use true or false"),
-}
-
-
 @dataclass
 class PPOBatch:
     """One rollout turned into training tensors; all (B, T) tensors cover completion tokens only."""

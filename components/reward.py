@@ -12,7 +12,7 @@ scores with it works unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,48 +28,8 @@ from components.annotators import metric_suffix
 from components.hooks import StepLogger
 from components.modeling import count_trainable, load_reward_model, load_tokenizer
 from components.scoring import RewardScorer
+from components.settings import CONDITIONINGS, RewardConditioning  # noqa: F401 - re-exported
 from components.training import ForwardLogs, LoraSettings, lora_config, train_and_save
-
-CONDITIONINGS = ("pooled", "per_annotator")
-
-
-@dataclass(frozen=True)
-class RewardConditioning:
-    """Whom the reward model listens to: one `pooled` scalar for every annotator, or `per_annotator` (one head per
-    profile). `mix` weights the heads into the scalar reward RL and evaluation use (profile -> weight >= 0; a profile
-    left out gets 0; null: equal weights), so a sweep over it shows how serving one group costs another."""
-
-    conditioning: str = "pooled"
-    mix: Mapping[str, float] | None = None
-
-    def __post_init__(self) -> None:
-        """Refuse an unknown conditioning, negative or all-zero weights, and a mix for a pooled model."""
-        if self.conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning = {self.conditioning!r} is invalid: use one of {', '.join(CONDITIONINGS)}")
-        if self.mix is None:
-            return
-        numbers = isinstance(self.mix, Mapping) and all(
-            isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in self.mix.values())
-        if not numbers or sum(self.mix.values()) <= 0:
-            raise ValueError(f"mix = {self.mix!r} is invalid: map profile names to weights >= 0, at least one > 0, "
-                             "e.g. reward.mix={enthusiast:2,concise:1,critic:1}, or null for equal weights")
-        if self.conditioning == "pooled":
-            raise ValueError(f"mix = {dict(self.mix)!r} is invalid: it weights the heads of a per-annotator model; set "
-                             "reward.conditioning=per_annotator, or reward.mix=null")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> RewardConditioning:
-        """The settings from the `reward` node (an older config without these keys: pooled)."""
-        return cls(cfg.get("conditioning", "pooled"), cfg.get("mix"))
-
-    def weights(self, heads: Sequence[str]) -> list[float]:
-        """The mix as one weight per head (in `heads`' order), summing to 1; names outside `heads` are refused."""
-        unknown = sorted(set(self.mix or {}) - set(heads))
-        if unknown:
-            raise ValueError(f"mix = {dict(self.mix or {})!r} is invalid: {unknown} label no pairs; use names out of "
-                             f"{list(heads)}")
-        raw = [float((self.mix or dict.fromkeys(heads, 1.0)).get(h, 0.0)) for h in heads]
-        return [w / sum(raw) for w in raw]
 
 
 def train_reward_model(

@@ -12,24 +12,27 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
-import pandas as pd
-from datasets import Dataset
+import pandas as pd  # already imported by mlflow
 from hydra.utils import instantiate
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
-from components.modeling import resolve_device
 from flows.progress import StageLogger
+
+if TYPE_CHECKING:  # `datasets` and components.modeling (torch) are imported by the bodies that run
+    from datasets import Dataset
 
 SPLITS = ("sft", "preference", "preference_eval", "prompts", "eval_prompts")
 
 
 def load_split(result: dict[str, Any], split: str, log: bool = True) -> Dataset:
     """One split written by an upstream stage (prepare_data, label_preferences); logged as this run's input."""
+    from datasets import Dataset
+
     folder = Path(result["path"])
     ds = Dataset.from_json(str(folder / f"{split}.jsonl"))
     if log:
@@ -64,6 +67,8 @@ def dataset_source(path: Path, origin: dict[str, Any] | None = None) -> DatasetS
 
 def prepare_data(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Build (embedded) or load (files/hub) every split, validate, write JSONL, log as MLflow datasets."""
+    from datasets import Dataset
+
     from components.review_task import build_embedded_splits, embedded_stats
 
     cfg = spec["config"]
@@ -123,6 +128,7 @@ def train_sft(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, f
 
 def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Train the reward model from the SFT checkpoint (or a given one); measure held-out pairwise accuracy."""
+    from components.modeling import resolve_device
     from components.reward import RewardConditioning, pairwise_accuracy
     from components.reward import train_reward_model as train_rm
     from components.scoring import RewardScorer
@@ -211,6 +217,7 @@ def evaluate_policy(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[
     """Compare the policy with SFT on held-out prompts; log metrics and a table of sample texts."""
     from components.evaluate import compare_policies
     from components.generation import SamplingSettings
+    from components.modeling import resolve_device
     from components.scoring import RewardScorer
 
     cfg, up = spec["config"]["eval"], spec["upstream"]
@@ -240,7 +247,7 @@ def _tag_worst_served(metrics: dict[str, float], run_id: str) -> None:
     """Name the profile the policy serves worst: a tag on this run and the pipeline run, and a log line."""
     import logging
 
-    from components.evaluate import PROFILE_WIN_RATE, worst_served
+    from components.annotators import PROFILE_WIN_RATE, worst_served
 
     worst = worst_served(metrics)
     if worst is None:
@@ -319,7 +326,10 @@ def train_grpo(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, 
 
 
 def _train_trl_rl(spec: dict[str, Any], stage_dir: Path, run_id: str, algo: str) -> dict[str, float]:
+    from datasets import Dataset
+
     from components import trl_rl
+    from components.modeling import resolve_device
     from components.scoring import RewardScorer
 
     rl = spec["config"]["rl"]
@@ -341,8 +351,10 @@ def _train_trl_rl(spec: dict[str, Any], stage_dir: Path, run_id: str, algo: str)
 
 def revise_demonstrations(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """CAI supervised phase: SFT answers critiqued and revised principle by principle become new demos."""
+    from datasets import Dataset
+
     from components.generation import SamplingSettings, sample
-    from components.modeling import load_causal_lm, load_tokenizer
+    from components.modeling import load_causal_lm, load_tokenizer, resolve_device
     from components.revision import critique_and_revise
 
     cfg = spec["config"]["revision"]
@@ -365,9 +377,12 @@ def revise_demonstrations(spec: dict[str, Any], stage_dir: Path, run_id: str) ->
 
 def label_preferences(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """RLAIF feedback: pairs sampled from SFT, labelled by the AI judge; verdicts cached across attempts."""
+    from datasets import Dataset
+
     from components.generation import SamplingSettings
     from components.judges import build_judge
     from components.labeling import label_pairs, label_stats, sample_pairs, to_preferences
+    from components.modeling import resolve_device
 
     cfg, label = spec["config"]["judge"], spec["config"]["label"]
     device = resolve_device(spec["config"]["device"])
@@ -431,6 +446,7 @@ def request_feedback(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict
     Studio's import format, for Argilla or in-house tools). Items someone already ranked are never sent again."""
     from components.feedback import FeedbackSettings, LabelStore, label_studio_task, open_items, sample_candidates
     from components.generation import SamplingSettings
+    from components.modeling import resolve_device
     from components.selection import select_prompts
 
     cfg = spec["config"]["feedback"]
@@ -489,6 +505,8 @@ def _candidate_scores(cfg: dict[str, Any], items: list[dict[str, Any]], device: 
 def collect_feedback(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str, float]:
     """Human feedback, part 2: the rankings given for this round's candidates as preference pairs that keep their
     annotator; logged as the versioned MLflow dataset the reward model or DPO trains on."""
+    from datasets import Dataset
+
     from components.rankings import RankingSettings, rankings_to_pairs
 
     rows = [json.loads(line) for line in Path(spec["upstream"]["labels"]["path"]).read_text().splitlines()]

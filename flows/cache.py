@@ -65,11 +65,21 @@ def _component_imports(module: str) -> tuple[str, ...]:
 
 
 def find_spec_safe(name: str) -> bool:
-    """True when `name` is an importable module (not a function imported from one)."""
-    try:
-        return find_spec(name) is not None
-    except (ModuleNotFoundError, ValueError):
+    """True when `name` is a module of the components package (not a function imported from one), found by its
+    file: asking importlib about `components.x.f` would import `components.x` (torch and all) to look inside."""
+    parts = name.split(".")
+    if parts[0] != "components":
         return False
+    path = _components_dir().joinpath(*parts[1:])
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+@cache
+def _components_dir() -> Path:
+    spec = find_spec("components")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the components package is not importable")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def module_closure(modules: list[str]) -> set[str]:

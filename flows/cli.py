@@ -39,7 +39,7 @@ def fail(err: Exception) -> NoReturn:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Entry point: run the pipeline for this job's overrides; returns the gold win rate (for sweepers)."""
-    from components.data import DatasetValidationError
+    from components.errors import DatasetValidationError
     from flows.config import to_plain, validate_config
     from flows.preflight import preflight
 

@@ -17,11 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from components.feedback import FeedbackSettings
-from components.generation import SamplingSettings
-from components.ppo import PPOSettings
 from components.promotion import DIRECTIONS
 from components.rankings import RankingSettings
-from components.reward import RewardConditioning
+from components.settings import PPOSettings, RewardConditioning, SamplingSettings  # torch-free, unlike their components
 from flows.launch import LAUNCHED_STAGES, launched
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

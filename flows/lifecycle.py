@@ -9,6 +9,7 @@ the temporary server is started with the kernel's parent-death signal, so it sto
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -32,8 +33,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def tie_children_to_process() -> None:
     """SIGTERM → SystemExit, and Prefect's temporary server dies with this process (call once, at start-up)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    if not sys.platform.startswith("linux"):
-        return
+    if not sys.platform.startswith("linux") or os.environ.get("PREFECT_API_URL"):
+        return  # a configured server: no temporary one to tie (and no need to import Prefect's server code)
     from prefect.server.api.server import SubprocessASGIServer
 
     if SubprocessASGIServer._instances.get(None) is not None:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
@@ -93,7 +92,7 @@ class Pipeline:
 
 def _worst_served(results: list[dict[str, Any]]) -> str:
     """A line under the summary naming the annotator profile the policy serves worst (data with profiles only)."""
-    from components.evaluate import PROFILE_WIN_RATE, worst_served
+    from components.annotators import PROFILE_WIN_RATE, worst_served
 
     metrics = {k: v for r in results if r["stage"] == "eval" for k, v in r["metrics"].items()}
     worst = worst_served(metrics)
@@ -126,6 +125,8 @@ def alignflow(overrides: list[str] | None = None, parent_run_id: str | None = No
     tag_flow_run(cfg["pipeline"]["name"])  # with `alignflow`; a deployment's own tags stay
     preflight(cfg)  # machine, trainer args, judge, models, data files: before the MLflow run opens
     if cfg["num_threads"]:
+        import torch  # only here: importing flows.pipeline (the CLI, a cached rerun) stays free of torch
+
         torch.set_num_threads(cfg["num_threads"])
     kind = cfg["pipeline"]
     pipe = Pipeline(cfg, overrides, parent_run_id)

@@ -25,12 +25,14 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from components.data import DatasetValidationError
+from components.errors import DatasetValidationError
 from flows.config import ConfigError, select, trainer_stages
 
 log = logging.getLogger("alignflow")
@@ -57,12 +59,23 @@ TRAIN_SPLITS = {"sft": "sft", "reward": "preference", "dpo": "preference"}
 #: Splits whose prompts are sampled from (PPO/RLOO/GRPO rollouts, evaluation): no truncation there.
 GENERATION_SPLITS = ("prompts", "eval_prompts")
 _PASSED: set[str] = set()
+#: Fingerprints of configs that passed, remembered per store (the newest PASSED_KEPT) for later processes.
+PASSED_FILE, PASSED_KEPT = "preflight_passed.json", 256
+#: Installed packages whose versions decide what the checks accept (TRL's args, model loading, CUDA).
+CHECKED_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
 
 def preflight(cfg: dict[str, Any]) -> None:
-    """Run every check on a validated config; raise ConfigError or DatasetValidationError at the first problem."""
+    """Run every check on a validated config; raise ConfigError or DatasetValidationError at the first problem.
+
+    A config that passed before, on this machine with these packages and the same files (its fingerprint), is not
+    checked again, in this process or a later one using the same store: a rerun whose stages are all cached then
+    imports no ML library. Servers a config needs (`check_feedback`) are asked every time."""
     key = _fingerprint(cfg)
-    if key in _PASSED:
+    store = Path(cfg["paths"]["root_dir"]) / ".alignflow" / PASSED_FILE
+    if key in _PASSED or key in _read_passed(store):
+        check_feedback(cfg)
+        _PASSED.add(key)
         return
     check_machine(cfg)
     check_scaling(cfg)
@@ -75,6 +88,27 @@ def preflight(cfg: dict[str, Any]) -> None:
     if cfg["data"]["source"] == "files":
         check_data(cfg, context, tokenizer)
     _PASSED.add(key)
+    _remember_passed(store, key)
+
+
+def _read_passed(store: Path) -> list[str]:
+    try:
+        keys = json.loads(store.read_text())
+    except (OSError, ValueError):
+        return []
+    return keys if isinstance(keys, list) else []
+
+
+def _remember_passed(store: Path, key: str) -> None:
+    """Add `key` to the store's list (written whole, then renamed: a reader never sees half a file)."""
+    keys = [k for k in _read_passed(store) if k != key][-(PASSED_KEPT - 1):] + [key]
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(keys))
+        os.replace(tmp, store)
+    except OSError as err:  # a read-only store only costs the checks next time
+        log.debug("could not remember the passed preflight in %s: %s", store, err)
 
 
 def one_line(err: BaseException) -> str:
@@ -95,8 +129,19 @@ def _invalid(field: str, value: Any, fix: str) -> ConfigError:
     return ConfigError(f"config field `{field}` = {value!r} is invalid: {fix}")
 
 
+def _versions() -> dict[str, str | None]:
+    found = {}
+    for name in CHECKED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def _fingerprint(cfg: dict[str, Any]) -> str:
-    """The config plus what preflight read outside it: the files it names and the judge's key variable."""
+    """The config plus what preflight read outside it: the files it names, the judge's key variable, the machine
+    (host, CPUs, visible GPUs) and the versions of the packages the checks ask."""
     paths = [select(cfg, f"data.{k}.path") for k in ("sft", "preference", "preference_eval", "prompts")]
     paths += [select(cfg, field) for field, _, _ in MODEL_FIELDS]
     stats = {}
@@ -107,29 +152,34 @@ def _fingerprint(cfg: dict[str, Any]) -> str:
         except (OSError, TypeError):
             stats[str(path)] = None
     env = select(cfg, "judge.settings.api_key_env")
-    blob = json.dumps([cfg, stats, bool(env and os.environ.get(str(env)))], sort_keys=True, default=str)
+    machine = [socket.gethostname(), os.cpu_count(), os.environ.get("CUDA_VISIBLE_DEVICES")]
+    blob = json.dumps([cfg, stats, bool(env and os.environ.get(str(env))), machine, _versions()], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- machine
 def check_machine(cfg: dict[str, Any]) -> None:
-    """CUDA asked for (device, or bf16/fp16 in a trainer's args) on a machine where torch sees no GPU."""
-    import torch
-
+    """CUDA asked for (device, or bf16/fp16 in a trainer's args) on a machine where torch sees no GPU. Torch is
+    imported only when something asks for CUDA (`auto` and `cpu` never fail here)."""
     if cfg["num_threads"] and cfg["num_threads"] > (os.cpu_count() or 1):
         log.warning("num_threads=%d is more than this machine's %d CPUs", cfg["num_threads"], os.cpu_count())
+    devices = [(field, value) for field in DEVICE_FIELDS
+               if isinstance(value := select(cfg, field), str) and value.startswith("cuda")]
+    flags = [(stage, flag) for stage in trainer_stages(cfg) for flag in GPU_FLAGS if cfg[stage]["args"].get(flag)]
+    if not devices and not flags:
+        return
+    import torch
+
     if torch.cuda.is_available():
         return
     why = f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else "torch sees no GPU"
-    for field in DEVICE_FIELDS:
-        value = select(cfg, field)
-        if isinstance(value, str) and value.startswith("cuda"):
-            raise _invalid(field, value, f"no CUDA GPU on this machine ({why}); use device=auto or device=cpu")
-    for stage in trainer_stages(cfg):
-        for flag in GPU_FLAGS:
-            if cfg[stage]["args"].get(flag):
-                raise _invalid(f"{stage}.args.{flag}", True, f"it needs a CUDA GPU ({why}); drop +trainer=gpu "
-                               f"or set {stage}.args.{flag}=false")
+    if devices:  # the first field that asks, as before: device, then the trainers' flags
+        field, value = devices[0]
+        raise _invalid(field, value, f"no CUDA GPU on this machine ({why}); use device=auto or device=cpu")
+    stage, flag = flags[0]
+    raise _invalid(f"{stage}.args.{flag}", True, f"it needs a CUDA GPU ({why}); drop +trainer=gpu "
+                   f"or set {stage}.args.{flag}=false")
 
 
 def check_scaling(cfg: dict[str, Any]) -> None:
@@ -171,8 +221,6 @@ def _check_launch_machine(accelerate: dict[str, Any]) -> None:
     """GPU processes need as many CUDA GPUs; DeepSpeed needs its package."""
     from importlib.util import find_spec
 
-    import torch
-
     kind, n = accelerate["config"].get("distributed_type"), accelerate["num_processes"]
     if kind == "DEEPSPEED" and find_spec("deepspeed") is None:
         raise _invalid("accelerate.config.distributed_type", kind, "the deepspeed package is not installed: "
@@ -180,6 +228,8 @@ def _check_launch_machine(accelerate: dict[str, Any]) -> None:
                        "accelerate=ddp or accelerate=fsdp")
     if accelerate["config"].get("use_cpu"):
         return
+    import torch
+
     gpus = torch.cuda.device_count()
     if gpus < n:
         raise _invalid("accelerate.num_processes", n, f"accelerate={accelerate['name']} runs one process per GPU "

@@ -17,6 +17,7 @@ from trl import RewardConfig, SFTConfig
 
 from components.ppo import PPOSettings
 from flows.config import CONF_DIR, ConfigError, compose_config, validate_config
+from tests.helpers import cli_env
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml"))  # every option of every group
@@ -158,6 +159,47 @@ def test_cli_rejects_bad_config_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert "rl.cliprange" in proc.stdout + proc.stderr
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "artifacts").exists()
+
+
+#: ML libraries that take seconds to import; only the checks and stage bodies that use them may import them.
+ML_LIBRARIES = ("torch", "transformers", "trl", "datasets")
+
+
+def test_cli_flow_preflight_and_stages_import_no_ml_library(tmp_path):
+    """`import flows.cli` (and the flow, preflight, the stage registry) loads none of torch, transformers, TRL or
+    datasets (5-7 s together): a config error, or a rerun whose stages are all cached, must not pay for them just to
+    start; they load where a check or a stage body needs them. Run in a fresh process: this one has them all."""
+    code = ("import sys; import flows.cli, flows.config, flows.pipeline, flows.preflight, flows.stages; "
+            f"print(*(m for m in {ML_LIBRARIES!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(tmp_path),
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)  # this checkout's flows/
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [], (f"importing flows.* imported {proc.stdout.strip()}; find who with "
+                                       "`python -X importtime -c 'import flows.cli'` and import it lazily")
+
+
+def test_preflight_remembers_a_passed_config_in_the_store(store, monkeypatch):
+    """A config that passed preflight is not checked again by a later process on the same store (a cached rerun
+    then imports no ML library); another config, or other package versions, are checked again."""
+    import flows.preflight as pf
+
+    calls = []
+    checked = pf.check_trainer_args
+    monkeypatch.setattr(pf, "check_trainer_args", lambda cfg: calls.append(1) or checked(cfg))
+
+    def new_process_preflight(cfg: dict) -> int:
+        pf._PASSED.clear()  # what a new process starts with
+        before = len(calls)
+        pf.preflight(cfg)
+        return len(calls) - before
+
+    cfg = compose_config([])
+    assert new_process_preflight(cfg) == 1
+    assert (store / ".alignflow" / pf.PASSED_FILE).exists()
+    assert new_process_preflight(cfg) == 0
+    assert new_process_preflight(compose_config(["rl.kl_coef=0.3"])) == 1
+    monkeypatch.setattr(pf, "_versions", lambda: {"trl": "0.0.1"})
+    assert new_process_preflight(cfg) == 1
 
 
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
