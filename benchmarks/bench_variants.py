@@ -2,7 +2,8 @@
 
 Runs rlhf (ppo), rl=rloo, rl=grpo, dpo, rlaif and rlaif_dpo (run by hand: `python benchmarks/bench_variants.py
 [extra overrides…]`, ~8 min on 2 cores) and prints each variant's gold win rate over SFT, gold means, KL, its own
-stage time, and the AI judge's agreement with the gold annotator. Upstream stages are shared through the cache,
+stage time, the AI judge's agreement with the gold annotator, and the reward model's held-out accuracy (also as
+a share of the annotator's Bayes ceiling). Upstream stages are shared through the cache,
 so the times shown are each variant's new work only.
 """
 
@@ -41,11 +42,15 @@ def main(extra: list[str]) -> None:
         new = sum(s["wall"] for s in summary["stages"] if not s["cached"])
         rows.append((name, m, new, time.monotonic() - start))
     print(f"\nalignflow variants  extra={extra}  torch threads={torch.get_num_threads()}")
-    print(f"{'variant':11} {'win vs SFT':>10} {'gold':>7} {'gold SFT':>8} {'KL':>6} {'new s':>6} {'judge~gold':>10}")
+    print(f"{'variant':11} {'win vs SFT':>10} {'gold':>7} {'gold SFT':>8} {'KL':>6} {'new s':>6} {'judge~gold':>10} "
+          f"{'RM acc':>7} {'/ceiling':>8}")
     for name, m, new, _ in rows:
         agree = m.get("label/agreement_with_gold", float("nan"))
+        acc = m.get("reward/eval_accuracy", float("nan"))
+        ceiling = m.get("reward/bayes_ceiling", float("nan"))
         print(f"{name:11} {m['eval/win_rate_vs_sft']:10.3f} {m['eval/gold_reward_mean']:7.3f} "
-              f"{m['eval/gold_reward_mean_sft']:8.3f} {m['eval/kl_to_sft']:6.2f} {new:6.1f} {agree:10.3f}")
+              f"{m['eval/gold_reward_mean_sft']:8.3f} {m['eval/kl_to_sft']:6.2f} {new:6.1f} {agree:10.3f} "
+              f"{acc:7.3f} {acc / ceiling:8.3f}")
 
 
 if __name__ == "__main__":
