@@ -462,16 +462,22 @@ def _strings(value: Any) -> list[str]:
     return [m["content"] for m in value or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
 
 
-def corpus(splits: dict[str, list[dict]]) -> list[str]:
-    """All texts of the task (prompt + completion, prompts, and lines of task words), for tokenizer training.
+HELD_OUT_SPLITS = ("preference_eval", "eval_prompts")  # measure the models: no model may learn from them
 
-    The word lines make sure every topic, aspect and lexicon word is in the corpus, whatever the sample sizes.
-    Rows in other standard formats (`text`, message lists) contribute their text too.
+
+def corpus(splits: dict[str, list[dict]]) -> list[str]:
+    """The training texts of the task (prompt + completion, prompts, and lines of task words), for tokenizer training.
+
+    The held-out splits (HELD_OUT_SPLITS) are left out, so the tokenizer, and every model built on it, is the same
+    whatever they hold. The word lines make sure every topic, aspect and lexicon word is in the corpus, whatever
+    the sample sizes. Rows in other standard formats (`text`, message lists) contribute their text too.
     """
     texts = [" ".join(POLARITY), " ".join(TOPICS + GENERIC_ASPECTS + ADVERBS)]
     texts += [" ".join(aspects) for aspects in TOPIC_ASPECTS.values()]
     texts += [f"Review of the {m}{t}:" for t in TOPICS for m in PROMPT_MODIFIERS]
-    for rows in splits.values():
+    for split, rows in splits.items():
+        if split in HELD_OUT_SPLITS:
+            continue
         for row in rows:
             prompt = row.get("prompt", "")
             answers = [row[k] for k in ("completion", "chosen", "rejected", "text", "messages") if k in row]

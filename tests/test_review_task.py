@@ -159,3 +159,16 @@ def test_corpus_covers_every_task_word(splits: dict[str, list[dict]]) -> None:
     assert splits["sft"][0]["prompt"] + splits["sft"][0]["completion"] in texts
     other = {"x": [{"messages": [{"role": "user", "content": "hi"}]}, {"text": "abc"}, {"prompt": "P:"}]}
     assert E.corpus(other)[-3:] == ["hi", "abc", "P:"]
+
+
+def test_tokenizer_corpus_leaves_the_held_out_splits_out(splits: dict[str, list[dict]]) -> None:
+    """The held-out pairs and prompts measure the models; the tokenizer every model is built on must not see them,
+    so changing their size or content changes no model."""
+    bigger = E.build_embedded_splits(
+        n_sft=600, n_preference=400, n_eval_preference=900, n_prompts=100, n_eval_prompts=50,
+        annotator_temperature=0.2, seed=0,
+    )  # fmt: skip
+    assert bigger["preference_eval"] != splits["preference_eval"]
+    assert E.corpus(bigger) == E.corpus(splits)
+    held_out = splits["preference_eval"][0]
+    assert held_out["prompt"] + held_out["chosen"] not in E.corpus(splits)
