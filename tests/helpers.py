@@ -21,7 +21,7 @@ TINY = ["experiment=smoke", "data.embedded.n_sft=300", "data.embedded.n_preferen
         "sft.args.num_train_epochs=1", "reward.args.num_train_epochs=1", "rl.total_updates=3",
         "eval.max_prompts=32", "num_threads=1"]  # fmt: skip
 ARCH = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64,
-        "activation_function": "gelu_pytorch_tanh"}
+        "activation_function": "gelu"}
 WORDS = "the a cat dog sat ran on under mat log good bad very quite happy sad big small red blue".split()
 
 
