@@ -86,7 +86,8 @@ def ours_worker(fixture: Path, updates: int, warmup: int) -> dict:
     prompts = json.loads((fixture / "prompts.json").read_text())
     settings = PPOSettings(
         **SETTINGS, total_updates=updates, adaptive_kl=False, target_kl=6.0, kl_horizon=10000, kl_estimator="k1",
-        whiten_advantages=True, max_grad_norm=1e9, rollout_batch_size=SETTINGS["batch_size"], seed=0, device="cpu",
+        whiten_advantages=True, normalize_reward=False, max_grad_norm=1e9, rollout_batch_size=SETTINGS["batch_size"],
+        seed=0, device="cpu",
     )  # fmt: skip
     scorer = RewardScorer(str(fixture / "reward"), "cpu", None)
     times: list[float] = []

@@ -284,6 +284,33 @@ def build_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tens
     return rewards
 
 
+class RunningMoments:
+    """Count, mean and variance of every score seen so far, merged batch by batch (Chan et al.'s parallel update),
+    for reward normalisation: scores in units of their running standard deviation give `kl_coef` one meaning
+    whatever the reward model's scale."""
+
+    def __init__(self) -> None:
+        """Start empty (mean 0, variance 1 until the first batch)."""
+        self.count, self.mean, self.var = 0.0, 0.0, 1.0
+
+    def update(self, count: float, total: float, total_sq: float) -> None:
+        """Merge a batch given by its size, sum and sum of squares (sums over processes add up exactly)."""
+        mean = total / count
+        var = max(total_sq / count - mean**2, 0.0)
+        merged = self.count + count
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * count + delta**2 * self.count * count / merged
+        self.count, self.mean, self.var = merged, self.mean + delta * count / merged, m2 / merged
+
+    def normalise(self, scores: torch.Tensor, processes: Processes = ONE_PROCESS) -> torch.Tensor:
+        """Merge `scores` (this process's; all processes' together) into the moments, then return them as
+        (score - mean) / std."""
+        sums = processes.sum(torch.stack([torch.tensor(float(scores.numel()), device=scores.device),
+                                          scores.sum(), (scores**2).sum()])).tolist()
+        self.update(*sums)
+        return (scores - self.mean) / (self.var + VARIANCE_EPS) ** 0.5
+
+
 class FixedKLController:
     """Constant KL coefficient."""
 
@@ -513,9 +540,11 @@ def _collect(
     settings: PPOSettings,
     seed: int,
     processes: Processes = ONE_PROCESS,
+    moments: RunningMoments | None = None,
 ) -> tuple[PPOBatch, dict[str, float]]:
     """Rollout phase: sample, score with policy/reference/reward, build the training batch and its metrics (over
-    all processes: row means average exactly, as every process holds as many rows; entropy is a token mean)."""
+    all processes: row means average exactly, as every process holds as many rows; entropy is a token mean).
+    With `moments` the scores are normalised by their running mean and std before the missing-EOS penalty."""
     started = time.perf_counter()
     rollout = sample_completions(
         policy.lm, tokenizer, prompts, settings.max_new_tokens, settings.temperature,
@@ -525,7 +554,8 @@ def _collect(
     scored = _score_rollout(policy, ref, rollout, settings)
     raw_scores = _call_reward(*rewards, prompts, rollout, tokenizer)
     scored_at = time.perf_counter()
-    scores = apply_missing_eos_penalty(raw_scores, rollout.ended_with_eos, settings.missing_eos_penalty)
+    scores = raw_scores if moments is None else moments.normalise(raw_scores, processes)
+    scores = apply_missing_eos_penalty(scores, rollout.ended_with_eos, settings.missing_eos_penalty)
     batch, kl = _build_batch(rollout, scored, scores, kl_coef, settings, processes)
     stats = processes.mean(torch.stack([
         raw_scores.mean(), scores.mean(), kl.sum(dim=1).mean(),
@@ -536,6 +566,8 @@ def _collect(
     metrics = {f"ppo/{key}": value for key, value in zip(keys, stats, strict=True)}
     metrics |= {"ppo/kl_coef": float(kl_coef), "ppo/generation_seconds": generated - started,
                 "ppo/scoring_seconds": scored_at - generated}
+    if moments is not None:
+        metrics["ppo/reward_running_std"] = moments.var**0.5
     return batch, metrics
 
 
@@ -644,6 +676,7 @@ def train_ppo(
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate, fused=True)  # one kernel for all tensors
     kl_controller = make_kl_controller(settings)
+    moments = RunningMoments() if settings.normalize_reward else None
     sampler = PromptSampler(len(prompts), settings.seed)  # the same global draw in every process
     shuffle_generator = torch.Generator().manual_seed(settings.seed + 1)
     metrics: dict[str, float] = {}
@@ -652,7 +685,7 @@ def train_ppo(
         batch_prompts = [prompts[i] for i in processes.shard(sampler.sample(settings.batch_size))]
         batch, metrics = _collect(
             policy, ref, tokenizer, batch_prompts, (reward_fn, token_reward_fn), kl_controller.value, local,
-            generation_seed(settings.seed, update, processes.rank), processes,
+            generation_seed(settings.seed, update, processes.rank), processes, moments,
         )
         optimising = time.perf_counter()
         metrics |= _optimise(policy, optimizer, params, batch, local, shuffle_generator, processes)

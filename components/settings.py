@@ -67,6 +67,7 @@ class PPOSettings:
     cliprange_value: float
     vf_coef: float
     whiten_advantages: bool
+    normalize_reward: bool  # scores minus their running mean, over their running std (before the EOS penalty)
     missing_eos_penalty: float | None  # subtracted from scores of completions without EOS; None: off
     max_grad_norm: float
     rollout_batch_size: int  # rows per generate / no-grad forward call (memory bound, not a learning knob)
@@ -127,6 +128,7 @@ _PPO_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "use an integer"),
     "adaptive_kl": (lambda v: isinstance(v, bool), "use true or false"),
     "whiten_advantages": (lambda v: isinstance(v, bool), "use true or false"),
+    "normalize_reward": (lambda v: isinstance(v, bool), "use true or false"),
 }
 
 

@@ -28,6 +28,7 @@ from components.ppo import (
     PPOSettings,
     Processes,
     PromptSampler,
+    RunningMoments,
     ValueHeadModel,
     _buckets,
     apply_missing_eos_penalty,
@@ -55,8 +56,8 @@ def settings(**overrides) -> PPOSettings:
         total_updates=16, batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=3e-3,
         max_new_tokens=12, temperature=1.0, kl_coef=0.01, adaptive_kl=False, target_kl=1.0, kl_horizon=1000,
         kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
-        whiten_advantages=True, missing_eos_penalty=None, max_grad_norm=1.0, rollout_batch_size=32,
-        seed=0, device="cpu",
+        whiten_advantages=True, normalize_reward=False, missing_eos_penalty=None, max_grad_norm=1.0,
+        rollout_batch_size=32, seed=0, device="cpu",
     )  # fmt: skip
     values.update(overrides)
     return PPOSettings(**values)
@@ -107,6 +108,21 @@ def test_adaptive_kl_controller_moves_towards_target():
 
 
 # ------------------------------------------------------------------------------------------- rewards and GAE
+def test_running_moments_match_every_score_seen_and_ignore_the_reward_scale():
+    first, second = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([10.0, -4.0])
+    moments = RunningMoments()
+    torch.testing.assert_close(moments.normalise(first), (first - 3.0) / first.var(unbiased=False).sqrt())
+    moments.normalise(second)
+    seen = torch.cat([first, second])
+    assert moments.count == 6
+    assert moments.mean == pytest.approx(seen.mean().item())
+    assert moments.var == pytest.approx(seen.var(unbiased=False).item())
+    scaled = RunningMoments()  # a reward model 10x as large gives the same normalised rewards
+    scaled.normalise(first * 10)
+    torch.testing.assert_close(scaled.normalise(second * 10), RunningMoments().normalise(seen)[-2:], rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_token_rewards_and_missing_eos_penalty():
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.4, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
@@ -284,6 +300,29 @@ def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_checkpoint, 
     assert logged[-1][1]["ppo/kl"] > 0 and logged[-1][1]["ppo/kl_coef"] != logged[0][1]["ppo/kl_coef"]
     reloaded = load_causal_lm(out_dir)
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
+
+
+def test_normalised_rewards_make_ppo_blind_to_the_reward_models_scale_and_offset(tiny_checkpoint, tmp_path):
+    """With normalize_reward the policy learns the same from a reward and from 100x it plus 5 (what two reward
+    models trained to different scales give); without it, the scale changes what is learned."""
+
+    def trained(scale: float, normalize: bool) -> dict[str, torch.Tensor]:
+        def reward_fn(prompts: list[str], completions: list[str]) -> list[float]:
+            return [scale * c.count("the") + 5.0 * (scale != 1) for c in completions]
+
+        out = tmp_path / f"{scale}-{normalize}"
+        logged: list[dict[str, float]] = []
+        train_ppo(tiny_checkpoint, synthetic_corpus(64, 1), reward_fn,
+                  settings(total_updates=2, normalize_reward=normalize), str(out), lambda i, m: logged.append(m))
+        assert ("ppo/reward_running_std" in logged[-1]) == normalize
+        return load_causal_lm(str(out)).state_dict()
+
+    def largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return max((a[n] - b[n]).abs().max().item() for n in a)
+
+    plain, scaled, unnormalised = trained(1.0, True), trained(100.0, True), trained(100.0, False)
+    assert largest_change(plain, scaled) < 1e-3  # float rounding, amplified where Adam's gradients are near 0
+    assert largest_change(plain, unnormalised) > 1e-2  # measured: 1e-4 against 4e-2
 
 
 def test_a_global_batch_that_does_not_split_is_refused_naming_the_field():
