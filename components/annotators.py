@@ -135,6 +135,7 @@ PROFILE_WIN_RATE = "eval/gold_win_rate_vs_sft/"
 
 
 def worst_served(metrics: dict[str, float]) -> str | None:
-    """The profile with the lowest gold win rate over SFT in `metrics` (the first of a tie), or None."""
+    """The profile with the lowest gold win rate over SFT in `metrics` (of a tie, the first by name, so the answer
+    does not depend on the order the metrics come in), or None."""
     rates = {k.removeprefix(PROFILE_WIN_RATE): v for k, v in metrics.items() if k.startswith(PROFILE_WIN_RATE)}
-    return min(rates, key=rates.__getitem__) if rates else None
+    return min(sorted(rates), key=rates.__getitem__) if rates else None

@@ -92,6 +92,8 @@ def test_profile_metrics_judge_the_policy_by_each_profiles_utility():
     assert metrics["eval/worst_profile_win_rate"] == metrics["eval/gold_win_rate_vs_sft/critic"]
     assert metrics["eval/profile_disagreement"] == pytest.approx(2 / 3)
     assert worst_served(metrics) == "critic" and worst_served({"eval/win_rate_vs_sft": 0.4}) is None
+    tie = {"eval/gold_win_rate_vs_sft/enthusiast": 0.5, "eval/gold_win_rate_vs_sft/critic": 0.5}
+    assert worst_served(tie) == worst_served(dict(reversed(tie.items()))) == "critic"  # by name, not by order
     assert profile_metrics([], [good], [stuffed]) == {}
 
 
