@@ -49,7 +49,7 @@ def main(extra: list[str], seeds: list[int] | None = None) -> None:
             runs.setdefault(seed, []).append((name, m, new))
     print(f"\nalignflow variants  extra={extra}  torch threads={torch.get_num_threads()}")
     for seed, rows in runs.items():
-        print_table(rows, "" if seed is None else f"seed={seed}")
+        print_table(rows, "variant" if seed is None else f"seed={seed}")
     if len(runs) > 1:
         print_spread(runs)
 
