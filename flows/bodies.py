@@ -99,13 +99,13 @@ def prepare_data(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[str
 
 def _base_model(spec: dict[str, Any], stage_dir: Path) -> str:
     from components.modeling import build_base_checkpoint
-    from components.review_task import corpus
+    from components.review_task import HELD_OUT_SPLITS, corpus
 
     model = spec["config"]["model"]
     if model["name_or_path"]:
         return model["name_or_path"]
     data = spec["upstream"]["data"]
-    texts = corpus({s: load_split(data, s, log=False).to_list() for s in SPLITS})
+    texts = corpus({s: load_split(data, s, log=False).to_list() for s in SPLITS if s not in HELD_OUT_SPLITS})
     return build_base_checkpoint(texts, model["init"]["arch"], model["init"]["vocab_size"],
                                  spec["config"]["seed"], stage_dir / "base")
 
