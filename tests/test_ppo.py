@@ -123,6 +123,17 @@ def test_running_moments_match_every_score_seen_and_ignore_the_reward_scale():
                                atol=1e-6)
 
 
+def test_running_moments_bound_the_first_difference_after_constant_scores():
+    moments = RunningMoments()  # a reward that was constant so far: the running variance is 0
+    moments.normalise(torch.full((62,), 5.0))
+    assert moments.var == 0.0
+    # the batch is merged before it is normalised, so its own spread is in the variance: |z| <= sqrt(count)
+    first_difference = moments.normalise(torch.tensor([5.0, 5.0 + 1e-6]))
+    assert torch.isfinite(first_difference).all()
+    assert first_difference.abs().max() <= moments.count**0.5
+    assert first_difference[1] > first_difference[0]
+
+
 def test_token_rewards_and_missing_eos_penalty():
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.4, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
