@@ -97,7 +97,7 @@ def test_trl_progress_bars_stay_out_of_the_stage_output(dpo_run):
 def test_yaml_is_a_cpu_ready_dpo_config(tmp_path):
     args = dpo_args(tmp_path)
     assert type(args).__name__ == "DPOConfig"
-    assert args.beta == pytest.approx(0.1) and args.learning_rate == pytest.approx(4e-4)
+    assert args.beta == pytest.approx(0.1) and args.learning_rate == pytest.approx(6e-4)
     assert not args.bf16 and not args.gradient_checkpointing and args.report_to == []
     assert args.save_strategy == "no" and args.disable_tqdm
 
