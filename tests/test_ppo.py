@@ -127,8 +127,9 @@ def test_running_moments_bound_the_first_difference_after_constant_scores():
     moments = RunningMoments()  # a reward that was constant so far: the running variance is 0
     moments.normalise(torch.full((62,), 5.0))
     assert moments.var == 0.0
-    # the batch is merged before it is normalised, so its own spread is in the variance: |z| <= sqrt(count)
-    first_difference = moments.normalise(torch.tensor([5.0, 5.0 + 1e-6]))
+    # the batch is merged before it is normalised, so its own spread is in the variance: |z| <= sqrt(count) = 8
+    # here (7.94), where dividing by the variance seen before it (0, so sqrt(1e-8)) would give z = 1e4
+    first_difference = moments.normalise(torch.tensor([5.0, 6.0]))
     assert torch.isfinite(first_difference).all()
     assert first_difference.abs().max() <= moments.count**0.5
     assert first_difference[1] > first_difference[0]
