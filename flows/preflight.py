@@ -466,9 +466,9 @@ def check_data(cfg: dict[str, Any], context: int | None, tokenizer: Any) -> None
     splits = load_file_splits(cfg["data"])
     if tokenizer is None:  # the embedded model: its tokenizer is trained on these splits, as the SFT stage does
         from components.modeling import train_tokenizer
-        from components.review_task import HELD_OUT_SPLITS, corpus
+        from components.review_task import corpus
 
-        tokenizer = train_tokenizer(corpus({k: v.to_list() for k, v in splits.items() if k not in HELD_OUT_SPLITS}),
+        tokenizer = train_tokenizer(corpus({k: v.to_list() for k, v in splits.items()}),
                                     cfg["model"]["init"]["vocab_size"])
     talks = [split for split, ds in splits.items() if _is_conversational(ds)]
     if talks and not getattr(tokenizer, "chat_template", None):
