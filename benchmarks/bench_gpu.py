@@ -1,6 +1,7 @@
 """The whole RLHF pipeline on CUDA with a ~100 M-parameter randomly initialised GPT-2: per-stage times, PPO tokens/s.
 
-Run by hand on a machine with a GPU: `python benchmarks/bench_gpu.py [hydra overrides…]` (a few minutes).
+Run by hand on a machine with a GPU: `python benchmarks/bench_gpu.py [hydra overrides…]` (2–3 minutes on an H100;
+README "On a GPU" has the figures, and `benchmarks/gpu_bundle.sh` packs the dependencies for an offline GPU image).
 The embedded task's model is widened to GPT-2-small's shape (12 layers × 768, ~86 M parameters with the embedded
 vocabulary); the TRL stages train in bf16 (`+trainer=gpu`), our PPO and evaluation run on `device=cuda` (float32
 weights, TF32 matmuls). Prints the GPU, per-stage wall time, PPO tokens/s, peak GPU memory and the headline metrics.
