@@ -7,7 +7,7 @@
 # The versions are this checkout's virtualenv's (`pip freeze`), as wheels for the target's Python. Packages a CUDA
 # PyTorch image ships (torch, numpy, scipy, pyarrow, matplotlib, tokenizers, …) and the optional extras the RLHF/DPO
 # pipelines do not import (Label Studio's SDK, the MiniLM judge, psycopg2) are left out: SKIP overrides that list.
-# The bundle is ~45 MB (xz) for Python 3.12; it was used on an H100 whose image had torch 2.11 and Python 3.12.
+# The bundle is ~48 MB (xz) for Python 3.12; it was used on an H100 whose image had torch 2.11 and Python 3.12.
 set -euo pipefail
 pyver=${1:?usage: gpu_bundle.sh PYTHON_VERSION OUT.tar.xz}
 out=${2:?usage: gpu_bundle.sh PYTHON_VERSION OUT.tar.xz}
@@ -23,11 +23,13 @@ trap 'rm -rf "$work"' EXIT
 platforms=()
 for p in 2_17 2_24 2_27 2_28 2_31 2_34; do platforms+=(--platform "manylinux_${p}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-# Wheels where the index has them; a package published only as source (antlr4-python3-runtime) is built here.
-binary=$(grep -viE '^antlr4-python3-runtime==' "$work/requirements.txt" || true)
-"${pip[@]}" download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp "${platforms[@]}" \
-  -d "$work/wheels" $binary
-grep -iE '^antlr4-python3-runtime==' "$work/requirements.txt" | xargs -r "${pip[@]}" wheel -q --no-deps -w "$work/wheels"
+# Wheels where the index has them; a package published only as source (antlr4-python3-runtime) comes as an sdist
+# and is built into a wheel here (pure Python, so it fits any target).
+"${pip[@]}" download -q --no-deps --prefer-binary --python-version "$pyver" --implementation cp "${platforms[@]}" \
+  -d "$work/wheels" -r "$work/requirements.txt"
+for sdist in "$work/wheels"/*.tar.gz "$work/wheels"/*.zip; do
+  [ -e "$sdist" ] && "${pip[@]}" wheel -q --no-deps -w "$work/wheels" "$sdist" && rm "$sdist"
+done
 "${pip[@]}" install -q --no-deps --no-compile --only-binary=:all: --python-version "$pyver" --implementation cp \
   "${platforms[@]}" --target "$work/site" "$work/wheels"/*.whl
 rm -rf "$work/site/mlflow/server/js"                       # the UI's bundle: not needed to log runs
