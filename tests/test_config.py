@@ -178,6 +178,18 @@ def test_cli_flow_preflight_and_stages_import_no_ml_library(tmp_path):
                                        "`python -X importtime -c 'import flows.cli'` and import it lazily")
 
 
+def test_num_threads_reaches_torch_without_the_flow_importing_it(tmp_path):
+    """`num_threads` sizes torch's pool, but the flow does not import torch for it (1.5 s of a cached rerun): torch
+    not yet loaded gets the count through OMP_NUM_THREADS at its import; torch already loaded is resized."""
+    code = ("import sys; from flows.pipeline import use_threads; use_threads(1); assert 'torch' not in sys.modules; "
+            "import torch; print(torch.get_num_threads()); use_threads(2); print(torch.get_num_threads())")
+    env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "2"]
+
+
 def test_preflight_remembers_a_passed_config_in_the_store(store, monkeypatch):
     """A config that passed preflight is not checked again by a later process on the same store (a cached rerun
     then imports no ML library); another config, or other package versions, are checked again."""
