@@ -29,23 +29,27 @@ from components.hooks import StepLogger
 from components.modeling import count_trainable, load_reward_model, load_tokenizer
 from components.scoring import RewardScorer
 from components.settings import CONDITIONINGS, RewardConditioning  # noqa: F401 - re-exported
-from components.training import ForwardLogs, LoraSettings, lora_config, train_and_save
+from components.training import ForwardLogs, LoraSettings, WeightAverage, lora_config, train_and_save
 
 
 def train_reward_model(
     init_path: str, train: Dataset, args: RewardConfig, output_dir: str | Path, on_log: StepLogger | None = None,
     lora: LoraSettings | None = None, heads: Sequence[str] | None = None, mix: Sequence[float] | None = None,
+    ema_decay: float | None = None,
 ) -> dict[str, float]:
     """Train a reward model from `init_path` on preference pairs; save it to `output_dir`.
 
     Without `heads`: one scalar head (pooled). With `heads` (profile names; `train` has an `annotator` column):
     one head per profile, saved with the profiles and `mix` (one weight per head; None: equal).
-    With `lora` the body trains low-rank adapters and the new head trains in full; the checkpoint is saved merged."""
+    With `lora` the body trains low-rank adapters and the new head trains in full; the checkpoint is saved merged.
+    With `ema_decay` the saved weights are their moving average over the steps (`WeightAverage`), not the last
+    step's: trained on noisy labels, the average ranks held-out pairs better."""
     tokenizer = load_tokenizer(init_path)
     heads = list(heads or [])
     mix = list(mix) if mix is not None else [1.0 / len(heads) for _ in heads]
     base = partial(_reward_model, init_path, tokenizer, args.seed, heads, mix)  # also what LoRA merges into
-    kwargs = dict(model=base(), args=args, processing_class=tokenizer, callbacks=[ForwardLogs("reward", on_log)],
+    callbacks = [ForwardLogs("reward", on_log), *([WeightAverage(ema_decay)] if ema_decay else [])]
+    kwargs = dict(model=base(), args=args, processing_class=tokenizer, callbacks=callbacks,
                   peft_config=lora_config(lora, "SEQ_CLS"))
     if heads:
         with _scalar_view(kwargs["model"]):  # TRL accepts only one output; the loss picks one head per pair

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils import is_peft_model
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback
 
 from components.hooks import StepLogger
@@ -40,6 +42,34 @@ class ForwardLogs(TrainerCallback):
         }
         numbers[f"{self.prefix}/total_steps"] = float(self.total_steps)
         self.sink(state.global_step, numbers)
+
+
+class WeightAverage(TrainerCallback):
+    """Keep an exponential moving average of the weights over the optimiser steps (torch's `AveragedModel`) and
+    load it into the model when training ends, so the saved model is the average, not the last noisy step.
+
+    After step t the average is `decay * average + (1 - decay) * weights`, starting from the first step's weights;
+    with `decay` 0.98 it spans roughly the last 50 steps. It needs every parameter in full on each process: not
+    under DeepSpeed ZeRO-3 or FSDP, which shard them (the reward stage then leaves it off, with a warning).
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"decay = {decay!r} is invalid: use a number in (0, 1), e.g. 0.98")
+        self.decay = decay
+        self.average: AveragedModel | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D401 - HF callback signature
+        if self.average is None:
+            self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.decay))
+        self.average.update_parameters(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.average is None:  # no step was taken
+            return
+        with torch.no_grad():
+            for live, averaged in zip(model.parameters(), self.average.module.parameters(), strict=True):
+                live.copy_(averaged)
 
 
 def quiet(trainer: Trainer) -> Trainer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,7 +142,7 @@ def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> di
     pairs = pairs.select_columns(["prompt", "chosen", "rejected", *(["annotator"] if conditioning else [])])
     logger = StageLogger("reward", run_id, None, "reward/loss")
     metrics = _run_trainer(spec, stage_dir, train_rm, cfg["args"], logger,
-                           init_path=init, train=pairs, **conditioning)
+                           init_path=init, train=pairs, ema_decay=_ema_decay(spec), **conditioning)
     scorer = RewardScorer(str(stage_dir / "model"), resolve_device(spec["config"]["device"]), None)
     metrics |= pairwise_accuracy(scorer, load_split(data, "preference_eval"), cfg["score_batch_size"])
     ceiling = data["metrics"].get("data/bayes_ceiling")
@@ -149,6 +150,21 @@ def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> di
         metrics["reward/bayes_ceiling"] = ceiling
     _log_model_dir(spec, stage_dir / "model")
     return metrics
+
+
+def _ema_decay(spec: dict[str, Any]) -> float | None:
+    """`reward.ema_decay`, unless `accelerate` shards the parameters (no process holds a whole weight to average):
+    then the reward model keeps its last step's weights, and the log says so."""
+    from flows.launch import shards_parameters
+
+    decay = spec["config"]["reward"].get("ema_decay")
+    accelerate = spec["config"].get("accelerate")
+    if decay and shards_parameters(accelerate):
+        logging.getLogger("alignflow").warning(
+            "reward.ema_decay=%s is not applied under accelerate=%s, which shards the parameters: the reward model "
+            "keeps its last step's weights", decay, accelerate["name"])
+        return None
+    return decay
 
 
 def _conditioning(settings: Any, pairs: Dataset) -> dict[str, Any]:

@@ -55,6 +55,14 @@ def launched(accelerate: dict[str, Any] | None) -> bool:
     return bool(accelerate) and accelerate.get("config") is not None
 
 
+def shards_parameters(accelerate: dict[str, Any] | None) -> bool:
+    """True when `accelerate launch` splits each parameter over the processes (FSDP, DeepSpeed ZeRO-3), so that no
+    process holds a whole weight (what weight averaging needs)."""
+    launch = (accelerate or {}).get("config") or {}
+    zero = (launch.get("deepspeed_config") or {}).get("zero_stage")
+    return launch.get("distributed_type") == "FSDP" or (launch.get("distributed_type") == "DEEPSPEED" and zero == 3)
+
+
 def per_process_batch(args: dict[str, Any], accelerate: dict[str, Any] | None) -> dict[str, Any]:
     """A TRL `args` node with `per_device_train_batch_size` split over the processes, so that per-device batch x
     processes x gradient accumulation stays the configured (one-process) batch; validation checks it divides."""

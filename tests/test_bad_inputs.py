@@ -55,6 +55,7 @@ BAD_INPUTS = [
     ("dpo-batch-0", [*DPO, "dpo.args.per_device_train_batch_size=0"], "`dpo.args.per_device_train_batch_size`"),
     ("sft-max-length-4", ["sft.args.max_length=4"], "`sft.args.max_length` = 4"),
     ("reward-lr-0", ["reward.args.learning_rate=0"], "`reward.args.learning_rate` = 0"),
+    ("reward-ema-1", ["reward.ema_decay=1"], "`reward.ema_decay` = 1 is invalid: use a number in (0, 1)"),
     ("grpo-1-generation", ["rl=grpo", "rl.args.num_generations=1"], "`rl.args.num_generations` = 1"),
     ("rloo-steps-0", ["rl=rloo", "rl.args.max_steps=0"], "`rl.args.max_steps` = 0"),
     ("ppo-cliprange", ["rl.cliprange=1.5"], "`rl.cliprange` = 1.5"),

@@ -192,3 +192,54 @@ def test_conditioned_model_learns_each_annotators_taste_and_scores_by_its_mix(co
     pooled = pairwise_accuracy(RewardScorer(str(conditioned_run["root"] / "pooled" / "model"), "cpu", None),
                                conditioned_run["held_out"], 16)
     assert pooled["reward/eval_accuracy_own_annotator"] < metrics["reward/eval_accuracy_own_annotator"], pooled
+
+
+def test_weight_average_loads_the_moving_average_of_the_steps_at_the_end():
+    """After steps with weights 1, 3, 5 and decay 0.5 the average is 1, then 2, then 3.5 (it starts from the first
+    step's weights); training's end copies it into the model that gets saved."""
+    from components.training import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(0.5)
+    for value in (1.0, 3.0, 5.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.on_step_end(None, None, None, model=model)
+    assert model.weight.item() == 5.0  # the live weights train on untouched
+    average.on_train_end(None, None, None, model=model)
+    assert model.weight.item() == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="decay = 1.0 is invalid"):
+        WeightAverage(1.0)
+
+
+def test_reward_model_saved_with_ema_is_the_average_not_the_last_step(tmp_path, tiny_checkpoint):
+    """The same training with and without `ema_decay` saves different weights, and the averaged model still ranks
+    its training pairs (the average of good steps is a good model)."""
+    cfg = compose_config(["reward.args.num_train_epochs=8", "reward.args.per_device_train_batch_size=16",
+                          "reward.args.learning_rate=0.003", "reward.args.warmup_steps=0"])  # as reward_run
+    pairs = clear_pairs(64, seed=0)
+    saved = {}
+    for name, decay in (("last", None), ("ema", 0.8)):
+        args = instantiate(cfg["reward"]["args"], output_dir=str(tmp_path / name / "trainer"))
+        train_reward_model(tiny_checkpoint, pairs, args, tmp_path / name / "model", ema_decay=decay)
+        saved[name] = RewardScorer(str(tmp_path / name / "model"), "cpu", None)
+    last, ema = (dict(saved[n].model.named_parameters())["score.weight"] for n in ("last", "ema"))
+    assert not torch.allclose(last, ema)
+    accuracy = pairwise_accuracy(saved["ema"], pairs, 32)["reward/eval_accuracy"]
+    assert accuracy > 0.9
+
+
+def test_ema_is_not_applied_where_accelerate_shards_the_parameters(caplog):
+    """FSDP and ZeRO-3 leave no process a whole weight to average: the reward stage then trains without the average
+    (and warns); every other launch option keeps `reward.ema_decay`."""
+    from flows.bodies import _ema_decay
+    from flows.launch import shards_parameters
+
+    for option, sharded in (("none", False), ("cpu_ddp", False), ("ddp", False), ("deepspeed_zero2", False),
+                            ("deepspeed_zero3", True), ("fsdp", True)):  # fmt: skip
+        accelerate = compose_config([f"accelerate={option}"])["accelerate"]
+        assert shards_parameters(accelerate) is sharded, option
+        spec = {"config": {"reward": {"ema_decay": 0.98}, "accelerate": accelerate}}
+        with caplog.at_level("WARNING", logger="alignflow"):
+            assert _ema_decay(spec) == (None if sharded else 0.98), option
+    assert "reward.ema_decay=0.98 is not applied under accelerate=fsdp" in caplog.text
