@@ -179,6 +179,11 @@ def rebuild_config(recorded: dict[str, Any], overrides: list[str], root: Path) -
     if added:
         notes.append(f"config groups added since the run take today's defaults: {', '.join(added)}")
     then, now = flat(recorded), flat(today)
+    own = ("paths.", "tracking.")  # moved to the new store above
+    grown = [k for k in now if k not in then and k.split(".")[0] in recorded and not k.startswith(own)]
+    if grown:  # e.g. reward.ema_decay in a run from before it: today's default may train differently
+        notes.append(f"settings added since the run take today's defaults: {', '.join(grown[:8])}"
+                     f"{' …' if len(grown) > 8 else ''}")
     changed = [k for k in now if k in then and then[k] != now[k] and not k.startswith(("paths.", "tracking."))]
     if changed:
         notes.append(f"today the run's overrides compose differently at {', '.join(changed[:8])}"

@@ -53,11 +53,14 @@ def test_recorded_config_moves_to_the_new_store_and_gains_new_groups(tmp_path):
     recorded = compose_config(TINY)
     recorded.pop("registry")  # a run from before the group existed
     recorded["rl"]["kl_coef"] = 0.123  # a value today's defaults would not give
+    recorded["reward"].pop("ema_decay")  # a setting added since the run
     cfg, notes = rebuild_config(recorded, TINY, tmp_path / "new")
     assert cfg["paths"]["root_dir"] == str(tmp_path / "new")
     assert cfg["tracking"]["tracking_uri"] == f"sqlite:///{tmp_path / 'new'}/mlruns/mlflow.db"
     assert cfg["rl"]["kl_coef"] == 0.123 and cfg["registry"]["model_name"] == "alignflow-policy"
     assert any("registry" in n for n in notes) and any("rl.kl_coef" in n for n in notes)
+    assert cfg["reward"]["ema_decay"] == 0.98 and any("added since the run take today's defaults: reward.ema_decay"
+                                                      in n for n in notes)
     assert overlay({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
 
 
