@@ -103,7 +103,7 @@ def _worst_served(results: list[dict[str, Any]]) -> str:
 
 
 def use_threads(n: int) -> None:
-    """Give torch `n` CPU threads without importing it: a cached rerun never loads torch (1.5 s of a 5 s rerun).
+    """Give torch `n` CPU threads without importing it, so that a cached rerun never pays torch's import.
 
     When torch is already loaded its pool is resized now; otherwise the stage that first imports it reads
     OMP_NUM_THREADS/MKL_NUM_THREADS, which is how torch sizes its pool at import.

@@ -179,8 +179,8 @@ def test_cli_flow_preflight_and_stages_import_no_ml_library(tmp_path):
 
 
 def test_num_threads_reaches_torch_without_the_flow_importing_it(tmp_path):
-    """`num_threads` sizes torch's pool, but the flow does not import torch for it (1.5 s of a cached rerun): torch
-    not yet loaded gets the count through OMP_NUM_THREADS at its import; torch already loaded is resized."""
+    """`num_threads` sizes torch's pool, but the flow does not import torch for it (a cached rerun would pay its
+    import): torch not yet loaded gets the count through OMP_NUM_THREADS at its import; loaded, it is resized."""
     code = ("import sys; from flows.pipeline import use_threads; use_threads(1); assert 'torch' not in sys.modules; "
             "import torch; print(torch.get_num_threads()); use_threads(2); print(torch.get_num_threads())")
     env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}

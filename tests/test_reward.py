@@ -212,21 +212,16 @@ def test_weight_average_loads_the_moving_average_of_the_steps_at_the_end():
         WeightAverage(1.0)
 
 
-def test_reward_model_saved_with_ema_is_the_average_not_the_last_step(tmp_path, tiny_checkpoint):
-    """The same training with and without `ema_decay` saves different weights, and the averaged model still ranks
+def test_reward_model_saved_with_ema_is_the_average_not_the_last_step(tmp_path, tiny_checkpoint, reward_run):
+    """`reward_run`'s training again with `ema_decay` saves different weights, and the averaged model still ranks
     its training pairs (the average of good steps is a good model)."""
     cfg = compose_config(["reward.args.num_train_epochs=8", "reward.args.per_device_train_batch_size=16",
                           "reward.args.learning_rate=0.003", "reward.args.warmup_steps=0"])  # as reward_run
-    pairs = clear_pairs(64, seed=0)
-    saved = {}
-    for name, decay in (("last", None), ("ema", 0.8)):
-        args = instantiate(cfg["reward"]["args"], output_dir=str(tmp_path / name / "trainer"))
-        train_reward_model(tiny_checkpoint, pairs, args, tmp_path / name / "model", ema_decay=decay)
-        saved[name] = RewardScorer(str(tmp_path / name / "model"), "cpu", None)
-    last, ema = (dict(saved[n].model.named_parameters())["score.weight"] for n in ("last", "ema"))
-    assert not torch.allclose(last, ema)
-    accuracy = pairwise_accuracy(saved["ema"], pairs, 32)["reward/eval_accuracy"]
-    assert accuracy > 0.9
+    args = instantiate(cfg["reward"]["args"], output_dir=str(tmp_path / "trainer"))
+    train_reward_model(tiny_checkpoint, reward_run["pairs"], args, tmp_path / "model", ema_decay=0.8)
+    last, ema = (RewardScorer(out, "cpu", None) for out in (reward_run["out"], str(tmp_path / "model")))
+    assert not torch.allclose(*(dict(m.model.named_parameters())["score.weight"] for m in (last, ema)))
+    assert pairwise_accuracy(ema, reward_run["pairs"], 32)["reward/eval_accuracy"] > 0.9
 
 
 def test_ema_is_not_applied_where_accelerate_shards_the_parameters(caplog):
