@@ -63,7 +63,7 @@ def test_mlflow_run_tree(first_run):
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.data.tags["alignflow.pipeline"] == "rlhf"
     assert parent.data.tags["prefect.flow_run_id"]
-    assert parent.data.params["rl.kl_coef"] == "0.2"
+    assert parent.data.params["rl.kl_coef"] == "0.1"
     assert "eval/win_rate_vs_sft" in parent.data.metrics  # compare view lines pipeline runs up
     children = stage_runs(root, summary["mlflow_run_id"])
     assert set(children) == {"data", "sft", "reward", "ppo", "eval", "register"}
