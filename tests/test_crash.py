@@ -124,7 +124,7 @@ def test_sigterm_ends_runs_failed_and_stops_the_server(tmp_path):
     servers = [c for c in children(proc.pid) if "uvicorn" in Path(f"/proc/{c}/cmdline").read_text()]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, out[-3000:]
     time.sleep(1)
     assert servers and not any(alive(s) for s in servers), out[-2000:]
     counts = statuses(tmp_path)
