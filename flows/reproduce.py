@@ -182,13 +182,17 @@ def rebuild_config(recorded: dict[str, Any], overrides: list[str], root: Path) -
     own = ("paths.", "tracking.")  # moved to the new store above
     grown = [k for k in now if k not in then and k.split(".")[0] in recorded and not k.startswith(own)]
     if grown:  # e.g. reward.ema_decay in a run from before it: today's default may train differently
-        notes.append(f"settings added since the run take today's defaults: {', '.join(grown[:8])}"
-                     f"{' …' if len(grown) > 8 else ''}")
-    changed = [k for k in now if k in then and then[k] != now[k] and not k.startswith(("paths.", "tracking."))]
+        notes.append(f"settings added since the run take today's defaults: {_first_keys(grown)}")
+    changed = [k for k in now if k in then and then[k] != now[k] and not k.startswith(own)]
     if changed:
-        notes.append(f"today the run's overrides compose differently at {', '.join(changed[:8])}"
-                     f"{' …' if len(changed) > 8 else ''}: the recorded values are used")
+        notes.append(f"today the run's overrides compose differently at {_first_keys(changed)}: "
+                     "the recorded values are used")
     return cfg, notes
+
+
+def _first_keys(keys: list[str], n: int = 8) -> str:
+    """The first `n` dotted keys, comma-separated, with an ellipsis when there are more."""
+    return ", ".join(keys[:n]) + (" …" if len(keys) > n else "")
 
 
 def fresh_root(given: str | None) -> Path:
