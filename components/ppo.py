@@ -402,6 +402,14 @@ class PPOBatch:
     returns: torch.Tensor
 
 
+def explained_variance(batch: PPOBatch, processes: Processes = ONE_PROCESS) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over completion tokens: how much of the returns the value head
+    predicted before this update (1: all, 0: no better than a constant, negative: worse)."""
+    mask = batch.completion_mask
+    spread = masked_var(batch.returns, mask, False, processes)
+    return 1 - masked_var(batch.returns - batch.old_values, mask, False, processes) / spread.clamp(min=1e-8)
+
+
 def make_kl_controller(settings: PPOSettings) -> FixedKLController | AdaptiveKLController:
     """The KL controller the settings ask for."""
     if settings.adaptive_kl:
@@ -564,6 +572,7 @@ def _collect(
     ])).tolist()  # fmt: skip
     keys = ("mean_reward", "mean_score", "kl", "entropy", "mean_length", "eos_rate")
     metrics = {f"ppo/{key}": value for key, value in zip(keys, stats, strict=True)}
+    metrics["ppo/value_explained_variance"] = float(explained_variance(batch, processes))
     metrics |= {"ppo/kl_coef": float(kl_coef), "ppo/generation_seconds": generated - started,
                 "ppo/scoring_seconds": scored_at - generated}
     if moments is not None:

@@ -34,6 +34,7 @@ from components.ppo import (
     apply_missing_eos_penalty,
     build_token_rewards,
     compute_gae,
+    explained_variance,
     generation_seed,
     kl_estimate,
     masked_mean,
@@ -198,6 +199,20 @@ def test_value_loss_clipping():
     torch.testing.assert_close(values.grad, torch.tensor([[0.0, (0.1 - 1) / 3, (-0.5 - 1) / 3, 0.0]]))
 
 
+def test_explained_variance_by_hand():
+    """Returns 1, 2, 3 (variance 2/3) on the unmasked tokens; the 100 sits under the mask."""
+
+    def batch(values: list[float]) -> PPOBatch:
+        mask, zeros = torch.tensor([[1, 1, 1, 0]]), torch.zeros(1, 4)
+        returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+        return PPOBatch(zeros.long(), mask, 0, zeros.long(), mask, zeros, torch.tensor([values]), zeros, returns)
+
+    assert explained_variance(batch([1.0, 2.0, 3.0, 0.0])).item() == pytest.approx(1.0)  # perfect
+    assert explained_variance(batch([7.0, 7.0, 7.0, 0.0])).item() == pytest.approx(0.0)  # a constant
+    # residuals 0, 0, 1 (variance 2/9): 1 - (2/9) / (2/3) = 2/3
+    assert explained_variance(batch([1.0, 2.0, 2.0, 0.0])).item() == pytest.approx(2 / 3)
+
+
 # ------------------------------------------------------------------------------------ models and bookkeeping
 def test_value_head_starts_at_zero_and_keeps_lm_logits(tiny_checkpoint):
     lm = load_causal_lm(tiny_checkpoint)
@@ -285,6 +300,7 @@ def test_settings_reject_unknown_kl_estimator():
 REQUIRED_KEYS = {
     "ppo/mean_reward", "ppo/kl", "ppo/entropy", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac",
     "ppo/approx_kl", "ppo/kl_coef", "ppo/mean_length", "ppo/eos_rate", "ppo/update_seconds",
+    "ppo/value_explained_variance",
 }  # fmt: skip
 
 
