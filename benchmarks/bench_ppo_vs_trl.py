@@ -7,8 +7,8 @@ embedded default's GPT-2 (`conf/model/tiny.yaml`) as policy and reference, a seq
 it as reward (and, for TRL, value) model; the same prompts, rollout batch, mini-batch, response length, epochs,
 learning rate, KL coefficient and thread count. Runs alternate (ours, TRL, ours, …) in fresh processes, so load on
 the machine hits both alike; each reports steady-state episodes/s (updates after the warm-up ones).
-Prints each run, the medians, our update split (generation / scoring forwards / optimisation / the rest) and, last,
-`ratio <ours/TRL>`.
+Prints each run, the CPU, the medians, our update split (generation / scoring forwards / optimisation / the rest)
+and, last, `ratio <ours/TRL>`.
 """
 
 from __future__ import annotations
@@ -152,6 +152,21 @@ def trl_worker(fixture: Path, updates: int, warmup: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ driver
+def cpu_summary() -> str:
+    """The CPU's model name and its widest matrix/vector units (from /proc/cpuinfo; Linux). The ratio depends on
+    them: TRL runs about twice our model compute per update (a separate value model, a second policy forward),
+    which wider units speed up more than the per-step overheads both sides share, so the same code gives another
+    ratio on another CPU."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu: unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [name for name in ("amx_tile", "avx512f", "avx2") if name in flags]
+    return f"cpu: {model}, {os.cpu_count()} cores, {units[0] if units else 'no avx2'}"
+
+
 def run_worker(python: Path, side: str, fixture: Path, args: argparse.Namespace) -> dict:
     """One side in a fresh process with `args.threads` torch threads; returns its JSON result."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -199,6 +214,7 @@ def main() -> None:
     update = split.pop("update_seconds")
     print(f"\nPPO, {SETTINGS['batch_size']} prompts x {SETTINGS['max_new_tokens']} tokens, {SETTINGS['ppo_epochs']} "
           f"epochs, mini-batch {SETTINGS['mini_batch_size']}, {args.threads} thread(s), {args.rounds} rounds")
+    print(cpu_summary())
     print(f"episodes/s (median): ours {ours:.1f}  TRL {TRL_VERSION} {trl:.1f}")
     parts = {**split, "other_seconds": update - sum(split.values())}
     print("our update split: " + "  ".join(f"{k.removesuffix('_seconds')} {v / update:.0%}" for k, v in parts.items())
