@@ -154,9 +154,9 @@ def trl_worker(fixture: Path, updates: int, warmup: int) -> dict:
 # ------------------------------------------------------------------------------------------------------ driver
 def cpu_summary() -> str:
     """The CPU's model name and its widest matrix/vector units (from /proc/cpuinfo; Linux). The ratio depends on
-    them: TRL runs about twice our model compute per update (a separate value model, a second policy forward),
-    which wider units speed up more than the per-step overheads both sides share, so the same code gives another
-    ratio on another CPU."""
+    them: TRL runs about twice our model compute per update (a separate value model, forward and backward in
+    every optimisation step), which wider units speed up more than the per-step overheads both sides share, so the
+    same code gives another ratio on another CPU."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
