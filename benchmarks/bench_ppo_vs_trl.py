@@ -87,7 +87,7 @@ def ours_worker(fixture: Path, updates: int, warmup: int) -> dict:
     settings = PPOSettings(
         **SETTINGS, total_updates=updates, adaptive_kl=False, target_kl=6.0, kl_horizon=10000, kl_estimator="k1",
         whiten_advantages=True, normalize_reward=False, max_grad_norm=1e9, rollout_batch_size=SETTINGS["batch_size"],
-        seed=0, device="cpu",
+        seed=0, device="cpu", bf16=False,
     )  # fmt: skip
     scorer = RewardScorer(str(fixture / "reward"), "cpu", None)
     times: list[float] = []

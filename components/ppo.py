@@ -410,6 +410,12 @@ def explained_variance(batch: PPOBatch, processes: Processes = ONE_PROCESS) -> t
     return 1 - masked_var(batch.returns - batch.old_values, mask, False, processes) / spread.clamp(min=1e-8)
 
 
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """bfloat16 mixed precision for the forwards on `device` when `bf16` (a no-op otherwise): matrix products run
+    in bf16 while weights, Adam's state, log-softmax and the losses stay float32, as in TRL's `bf16=True`."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def make_kl_controller(settings: PPOSettings) -> FixedKLController | AdaptiveKLController:
     """The KL controller the settings ask for."""
     if settings.adaptive_kl:
@@ -442,7 +448,9 @@ def _score_rollout(
     """Old log-probs, old values, reference log-probs and entropies for a rollout, in chunks, without grad.
 
     The policy's own numbers come from the sampler (`rollout.scores`) when it kept them: the generation steps
-    already ran the policy over every completion position, so only the reference needs a forward.
+    already ran the policy over every completion position, so only the reference needs a forward. Under bf16 the
+    sampler keeps none: its step-by-step (KV-cache) rounding differs from a whole-sequence forward's, so the old
+    log-probs come from the same forward as the training steps', and the first step's ratios are exactly 1.
     """
     ids, attn, n_prompt = rollout.input_ids, rollout.attention_mask, rollout.n_prompt
     parts = []
@@ -554,12 +562,13 @@ def _collect(
     all processes: row means average exactly, as every process holds as many rows; entropy is a token mean).
     With `moments` the scores are normalised by their running mean and std before the missing-EOS penalty."""
     started = time.perf_counter()
-    rollout = sample_completions(
-        policy.lm, tokenizer, prompts, settings.max_new_tokens, settings.temperature,
-        settings.rollout_batch_size, seed, keep_scores=True,
-    )  # fmt: skip
-    generated = time.perf_counter()
-    scored = _score_rollout(policy, ref, rollout, settings)
+    with autocast(policy.lm.device, settings.bf16):
+        rollout = sample_completions(
+            policy.lm, tokenizer, prompts, settings.max_new_tokens, settings.temperature,
+            settings.rollout_batch_size, seed, keep_scores=not settings.bf16,
+        )  # fmt: skip
+        generated = time.perf_counter()
+        scored = _score_rollout(policy, ref, rollout, settings)
     raw_scores = _call_reward(*rewards, prompts, rollout, tokenizer)
     scored_at = time.perf_counter()
     scores = raw_scores if moments is None else moments.normalise(raw_scores, processes)
@@ -616,9 +625,10 @@ def _minibatch_step(
     summed over processes, the gradients are those of the token mean over the whole global mini-batch.
     """
     mask = mini.completion_mask
-    logprobs, values, _ = policy_forward(
-        policy, mini.input_ids, mini.attention_mask, mini.n_prompt, mask, settings.temperature, False
-    )
+    with autocast(mask.device, settings.bf16):
+        logprobs, values, _ = policy_forward(
+            policy, mini.input_ids, mini.attention_mask, mini.n_prompt, mask, settings.temperature, False
+        )
     pg_loss, clipfrac, approx_kl = policy_loss(logprobs, mini.old_logprobs, mini.advantages, mask, settings.cliprange)
     vf_loss, vf_clipfrac = value_loss(values, mini.old_values, mini.returns, mask, settings.cliprange_value)
     share = processes.token_share(mask)

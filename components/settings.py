@@ -73,6 +73,7 @@ class PPOSettings:
     rollout_batch_size: int  # rows per generate / no-grad forward call (memory bound, not a learning knob)
     seed: int
     device: str  # "cpu", "cuda", "cuda:0", … or "auto" (cuda when available)
+    bf16: bool  # forwards in bfloat16 autocast (weights, optimiser and losses stay float32)
 
     def __post_init__(self) -> None:
         """Reject values that would fail late, in the middle of a run; the message names the field and the fix."""
@@ -128,6 +129,7 @@ _PPO_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "use an integer"),
     "adaptive_kl": (lambda v: isinstance(v, bool), "use true or false"),
     "whiten_advantages": (lambda v: isinstance(v, bool), "use true or false"),
+    "bf16": (lambda v: isinstance(v, bool), "use true or false"),
     "normalize_reward": (lambda v: isinstance(v, bool), "use true or false"),
 }
 

@@ -58,7 +58,7 @@ def settings(**overrides) -> PPOSettings:
         max_new_tokens=12, temperature=1.0, kl_coef=0.01, adaptive_kl=False, target_kl=1.0, kl_horizon=1000,
         kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
         whiten_advantages=True, normalize_reward=False, missing_eos_penalty=None, max_grad_norm=1.0,
-        rollout_batch_size=32, seed=0, device="cpu",
+        rollout_batch_size=32, seed=0, device="cpu", bf16=False,
     )  # fmt: skip
     values.update(overrides)
     return PPOSettings(**values)
@@ -304,9 +304,11 @@ REQUIRED_KEYS = {
 }  # fmt: skip
 
 
-def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_checkpoint, tmp_path, bf16):
     """+1 per occurrence of "the" in the completion: the random tiny model says it ~0.3 times per 12 tokens;
-    after 16 updates ~11 (seeds 0-5 all gave 0.2-0.4 -> 11-11.4), so the +3 margin is far from flaky."""
+    after 16 updates ~11 (seeds 0-5 all gave 0.2-0.4 -> 11-11.4), so the +3 margin is far from flaky. The same
+    in bf16 autocast (CPU autocast here; the saved weights stay float32)."""
     torch.manual_seed(0)
     logged: list[tuple[int, dict[str, float]]] = []
 
@@ -316,8 +318,8 @@ def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_checkpoint, 
 
     out_dir = str(tmp_path / "ppo")
     final = train_ppo(
-        tiny_checkpoint, synthetic_corpus(64, 1), reward_fn, settings(adaptive_kl=True, missing_eos_penalty=0.0),
-        out_dir, lambda i, m: logged.append((i, m)),
+        tiny_checkpoint, synthetic_corpus(64, 1), reward_fn,
+        settings(adaptive_kl=True, missing_eos_penalty=0.0, bf16=bf16), out_dir, lambda i, m: logged.append((i, m)),
     )  # fmt: skip
     assert [i for i, _ in logged] == list(range(16))
     assert REQUIRED_KEYS <= set(final) and final == logged[-1][1]
@@ -328,6 +330,22 @@ def test_train_ppo_learns_a_toy_reward_and_saves_a_loadable_lm(tiny_checkpoint, 
     assert logged[-1][1]["ppo/kl"] > 0 and logged[-1][1]["ppo/kl_coef"] != logged[0][1]["ppo/kl_coef"]
     reloaded = load_causal_lm(out_dir)
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+
+
+def test_bf16_runs_the_matrix_products_in_bfloat16_and_returns_float32(tiny_checkpoint):
+    """`autocast(device, True)`: the LM head's output is bfloat16, while the weights and the log-probs and values
+    PPO's losses use stay float32; `autocast(device, False)` changes nothing."""
+    policy = ValueHeadModel(load_causal_lm(tiny_checkpoint)).eval()
+    seen: list[torch.dtype] = []
+    policy.lm.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    for bf16 in (True, False):
+        with ppo.autocast(ids.device, bf16):
+            logprobs, values, _ = policy_forward(policy, ids, torch.ones_like(ids), 2, torch.ones(1, 3), 1.0, False)
+        assert logprobs.dtype == values.dtype == torch.float32 and logprobs.shape == values.shape == (1, 3)
+    assert seen == [torch.bfloat16, torch.float32]
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
 
 
 def test_normalised_rewards_make_ppo_blind_to_the_reward_models_scale_and_offset(tiny_checkpoint, tmp_path):
