@@ -1,6 +1,6 @@
 """The whole RLHF pipeline on CUDA with a ~100 M-parameter randomly initialised GPT-2: per-stage times, PPO tokens/s.
 
-Run by hand on a machine with a GPU: `python benchmarks/bench_gpu.py [hydra overrides…]` (2–3 minutes on an H100;
+Run by hand on a machine with a GPU: `python benchmarks/bench_gpu.py [hydra overrides…]` (~4 minutes on an H200;
 README "On a GPU" has the figures, and `benchmarks/gpu_bundle.sh` packs the dependencies for an offline GPU image).
 The embedded task's model is widened to GPT-2-small's shape (12 layers × 768, ~86 M parameters with the embedded
 vocabulary); the TRL stages train in bf16 (`+trainer=gpu`), our PPO and evaluation run on `device=cuda` (float32
@@ -62,7 +62,8 @@ def report(title: str, overrides: list[str], summary: dict, wall: float, cuda: b
     if ppo is not None:
         rate = rl["total_updates"] * rl["batch_size"] * metrics.get("ppo/mean_length", float("nan")) / ppo["wall"]
         print(f"PPO: ≈{rate:.0f} completion tokens/s, {ppo['wall'] / rl['total_updates']:.2f} s/update "
-              f"(last update: generation {metrics.get('ppo/generation_seconds', float('nan')):.2f} s, scoring "
+              f"(last update {metrics.get('ppo/update_seconds', float('nan')):.2f} s: generation "
+              f"{metrics.get('ppo/generation_seconds', float('nan')):.2f} s, scoring "
               f"{metrics.get('ppo/scoring_seconds', float('nan')):.2f} s, optimisation "
               f"{metrics.get('ppo/optimisation_seconds', float('nan')):.2f} s), bf16={rl['bf16']}")
     if cuda:
