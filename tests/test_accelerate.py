@@ -394,16 +394,19 @@ def test_ppo_in_two_cpu_processes_gives_the_curves_of_one_on_the_same_rollouts(s
 
 
 @pytest.mark.accelerate
-def test_ppo_in_two_cpu_processes_learns_like_one(still_checkpoint, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_ppo_in_two_cpu_processes_learns_like_one(still_checkpoint, tmp_path, bf16):
     """With the real sampler (each process its own seed, so other samples than one process draws), two processes
     learn the toy reward as one does. Statistical, not exact: learning curves of the same setup vary a lot with the
     samples (a float-level difference flips a token sooner or later, and PPO's take-off time moves by updates),
     so the test compares where both end. Measured over seeds 0-11: the last 3 updates average 11.8-12.0 of a
-    possible 12 in one process, 11.0-12.0 in two (largest gap 0.97); the first 3 average 0.2-0.4."""
+    possible 12 in one process, 11.0-12.0 in two (largest gap 0.97); the first 3 average 0.2-0.4. In bf16 too
+    (the same-rollouts test above is float32 only: bf16 rounding depends on the batch's shape, so one and two
+    processes drift apart within a few updates)."""
     one = ppo_curves("components.ppo:train_ppo", "none", still_checkpoint, tmp_path, total_updates=24,
-                     mini_batch_size=16)
+                     mini_batch_size=16, bf16=bf16)
     two = ppo_curves("components.ppo:train_ppo", "cpu_ddp", still_checkpoint, tmp_path, total_updates=24,
-                     mini_batch_size=16)
+                     mini_batch_size=16, bf16=bf16)
     (first_one, last_one), (first_two, last_two) = (
         (sum(m["ppo/mean_reward"] for m in curve[:3]) / 3, sum(m["ppo/mean_reward"] for m in curve[-3:]) / 3)
         for curve in (one, two))  # fmt: skip
