@@ -21,11 +21,9 @@ import tempfile
 import time
 
 WIDE = ["model.init.arch.n_layer=12", "model.init.arch.n_embd=768", "model.init.arch.n_head=12"]
-# PPO at batch 512 (4 mini-batches of 128) and lr 3e-6: on an H100 this ran 3.4x the tokens/s of batch 128, and
-# batch 128 at lr 1e-5 drifted to a KL of ~13 from SFT (README "On a GPU").
-GPU = ["device=cuda", "+trainer=gpu", *WIDE, "sft.args.learning_rate=3e-4", "reward.args.learning_rate=1e-4",
-       "rl.learning_rate=3e-6", "rl.batch_size=512", "rl.mini_batch_size=128", "rl.rollout_batch_size=512",
-       "rl.reward_batch_size=512", "rl.total_updates=30"]
+# conf/experiment/gpu.yaml holds the GPU settings (bf16, device, PPO batch 512 at lr 3e-6); the random model's own
+# learning rates are set here.
+GPU = ["experiment=gpu", *WIDE, "sft.args.learning_rate=3e-4", "reward.args.learning_rate=1e-4"]
 CHECK = ["device=cpu", "model.init.arch.n_layer=2", "experiment=smoke", "rl.total_updates=4", "num_threads=2",
          "rl.bf16=true"]  # CPU autocast: the float32 comparison runs too
 

@@ -81,12 +81,16 @@ def test_trainer_profile_is_shared_and_switches_every_stage_at_once(tmp_path):
 
 @pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
 def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
+    """Each experiment composes, validates and builds its trainer configs and PPO settings; only the GPU one turns
+    bf16 on (TRL stages and our PPO) and puts our stages on CUDA."""
     cfg = compose_config([f"experiment={experiment}"] if experiment else [])
     validate_config(cfg)
-    sft = instantiate(cfg["sft"]["args"], output_dir=str(tmp_path / "sft"))
-    reward = instantiate(cfg["reward"]["args"], output_dir=str(tmp_path / "reward"))
+    built = _instantiate_trl_args(cfg, tmp_path)
+    sft, reward = built["sft"], built["reward"]
     assert isinstance(sft, SFTConfig) and isinstance(reward, RewardConfig)
-    assert not sft.bf16 and not sft.gradient_checkpointing
+    gpu = experiment == "gpu"
+    assert sft.bf16 == reward.bf16 == cfg["rl"]["bf16"] == gpu and not sft.gradient_checkpointing
+    assert (cfg["device"] == "cuda") == gpu
     assert PPOSettings.from_config(cfg["rl"]).total_updates == cfg["rl"]["total_updates"]
 
 
