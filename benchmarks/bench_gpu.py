@@ -6,7 +6,7 @@ The embedded task's model is widened to GPT-2-small's shape (12 layers × 768, ~
 vocabulary); the TRL stages train in bf16 (`+trainer=gpu`), our PPO and evaluation run on `device=cuda` (float32
 weights, bf16 autocast, as `rl.bf16` follows `+trainer=gpu`). Prints the GPU, per-stage wall time, PPO tokens/s, peak
 GPU memory and the headline metrics; then trains PPO again in float32 (`rl.bf16=false`, SFT and reward model from the
-cache) and prints the tokens/s ratio of the two.
+cache) and prints the ratio of their steady seconds per update (the median after the first, from MLflow).
 `--check` runs the same script on the CPU with a 2-layer model, to test the script itself where no GPU is lent.
 `--root=DIR` uses (or fills) the store in DIR instead of a fresh one, so variants of a later stage reuse the cached
 earlier ones; `--no-compare` skips the float32 PPO run.
@@ -15,7 +15,9 @@ earlier ones; `--no-compare` skips the float32 PPO run.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,8 +30,9 @@ CHECK = ["device=cpu", "model.init.arch.n_layer=2", "experiment=smoke", "rl.tota
          "rl.bf16=true"]  # CPU autocast: the float32 comparison runs too
 
 
-def run(overrides: list[str], cuda: bool) -> tuple[dict, float]:
-    """One pipeline in this process (the store in ALIGNFLOW_ROOT); its flow summary and wall seconds."""
+def run(overrides: list[str], cuda: bool) -> dict:
+    """One pipeline in this process (the store in ALIGNFLOW_ROOT): its flow summary, wall seconds and peak GPU
+    memory in GiB (nan on the CPU)."""
     import torch
 
     from flows.pipeline import alignflow
@@ -38,42 +41,55 @@ def run(overrides: list[str], cuda: bool) -> tuple[dict, float]:
         torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
     summary = alignflow(overrides=overrides)
-    return summary, time.monotonic() - started
+    wall = time.monotonic() - started
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return {"overrides": overrides, "summary": summary, "wall": wall, "peak_gib": peak}
 
 
-def report(title: str, overrides: list[str], summary: dict, wall: float, cuda: bool) -> float:
-    """Print one run's stages, PPO throughput and headline metrics; returns PPO's completion tokens/s (nan: none)."""
-    import torch
+def steady_update_seconds(tracking_uri: str, run_id: str) -> float:
+    """Median PPO update time from the stage run's MLflow history, the first update (CUDA and autocast set-up)
+    left out."""
+    from mlflow import MlflowClient
 
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, "ppo/update_seconds")
+    times = [m.value for m in sorted(history, key=lambda m: m.step)]
+    return statistics.median(times[1:] or times)
+
+
+def report(title: str, result: dict) -> float:
+    """Print one run's stages, PPO throughput and headline metrics; returns PPO's steady seconds per update (nan:
+    no PPO stage trained)."""
     from flows.config import compose_config
 
-    rl = compose_config(overrides)["rl"]
+    cfg = compose_config(result["overrides"])
+    rl, summary = cfg["rl"], result["summary"]
     metrics = {k: v for s in summary["stages"] for k, v in s["metrics"].items()}
-    print(f"\n== {title}: overrides={overrides}")
+    print(f"\n== {title}: overrides={result['overrides']}")
     print(f"model: {metrics.get('sft/n_parameters', float('nan')) / 1e6:.1f} M parameters")
     print(f"{'stage':8} {'wall s':>8}")
     for stage in summary["stages"]:
         print(f"{stage['stage']:8} {stage['wall']:8.1f}" + ("  (cached)" if stage.get("cached") else ""))
-    print(f"pipeline: {wall:.1f} s in this process (flow {summary['seconds']:.1f} s)")
-    ppo = next((s for s in summary["stages"] if s["stage"] == "ppo"), None)
-    rate = float("nan")
+    print(f"pipeline: {result['wall']:.1f} s in this process (flow {summary['seconds']:.1f} s)")
+    ppo = next((s for s in summary["stages"] if s["stage"] == "ppo" and not s.get("cached")), None)
+    steady = float("nan")
     if ppo is not None:
-        rate = rl["total_updates"] * rl["batch_size"] * metrics.get("ppo/mean_length", float("nan")) / ppo["wall"]
-        print(f"PPO: ≈{rate:.0f} completion tokens/s, {ppo['wall'] / rl['total_updates']:.2f} s/update "
-              f"(last update {metrics.get('ppo/update_seconds', float('nan')):.2f} s: generation "
+        steady = steady_update_seconds(cfg["tracking"]["tracking_uri"], ppo["mlflow_run_id"])
+        tokens = rl["batch_size"] * metrics.get("ppo/mean_length", float("nan"))  # at the last update
+        print(f"PPO: {ppo['wall'] / rl['total_updates']:.2f} s/update over the stage, {steady:.2f} s steady (median "
+              f"after the first), ≈{tokens / steady:.0f} completion tokens/s steady; last update: generation "
               f"{metrics.get('ppo/generation_seconds', float('nan')):.2f} s, scoring "
               f"{metrics.get('ppo/scoring_seconds', float('nan')):.2f} s, optimisation "
-              f"{metrics.get('ppo/optimisation_seconds', float('nan')):.2f} s), bf16={rl['bf16']}")
-    if cuda:
-        print(f"peak GPU memory in this run: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+              f"{metrics.get('ppo/optimisation_seconds', float('nan')):.2f} s; bf16={rl['bf16']}")
+    if not math.isnan(result["peak_gib"]):
+        print(f"peak GPU memory in this run: {result['peak_gib']:.2f} GiB")
     for name in ("sft/train_loss", "reward/eval_accuracy", "eval/win_rate_vs_sft", "eval/kl_to_sft", "ppo/approx_kl"):
         print(f"{name:24} {metrics.get(name, float('nan')):.4f}")
-    return rate
+    return steady
 
 
 def main(argv: list[str]) -> None:
     """Run the pipeline in a fresh store and print the measurements; then, where it trained PPO in bf16, PPO again
-    in float32 (SFT and reward model come from the cache) and the tokens/s ratio of the two, side by side."""
+    in float32 (SFT and reward model come from the cache) and the ratio of their steady update times."""
     flags = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if flags - {"--check", "--no-compare", "--root"} or sum(a.startswith("--root") for a in argv) > 1:
         sys.exit(f"usage: bench_gpu.py [--check] [--no-compare] [--root=DIR] [overrides…]; got {sorted(flags)}")
@@ -91,14 +107,13 @@ def main(argv: list[str]) -> None:
     from flows.config import compose_config
 
     device = torch.cuda.get_device_name(0) if cuda else "cpu (--check)"
-    results = [("as configured", overrides, *run(overrides, cuda))]
+    results = {"as configured": run(overrides, cuda)}
     if compose_config(overrides)["rl"].get("bf16") and "--no-compare" not in flags:
-        fp32 = [*overrides, "rl.bf16=false"]
-        results.append(("PPO in float32", fp32, *run(fp32, cuda)))
+        results["PPO in float32"] = run([*overrides, "rl.bf16=false"], cuda)
     print(f"\nalignflow on {device}, torch {torch.__version__}, store={root}")
-    rates = [report(title, o, summary, wall, cuda) for title, o, summary, wall in results]
-    if len(rates) == 2:
-        print(f"\nPPO tokens/s, bf16 / float32: {rates[0] / rates[1]:.2f}")
+    steady = [report(title, result) for title, result in results.items()]
+    if len(steady) == 2:
+        print(f"\nPPO steady s/update, float32 / bf16: {steady[1] / steady[0]:.2f}")
 
 
 if __name__ == "__main__":
