@@ -399,10 +399,11 @@ def test_ppo_in_two_cpu_processes_learns_like_one(still_checkpoint, tmp_path, bf
     """With the real sampler (each process its own seed, so other samples than one process draws), two processes
     learn the toy reward as one does. Statistical, not exact: learning curves of the same setup vary a lot with the
     samples (a float-level difference flips a token sooner or later, and PPO's take-off time moves by updates),
-    so the test compares where both end. Measured over seeds 0-11: the last 3 updates average 11.8-12.0 of a
-    possible 12 in one process, 11.0-12.0 in two (largest gap 0.97); the first 3 average 0.2-0.4. In bf16 too
-    (the same-rollouts test above is float32 only: bf16 rounding depends on the batch's shape, so one and two
-    processes drift apart within a few updates)."""
+    so the test compares where both end, on seed 0. Measured over seeds 0-11 on one CPU: the last 3 updates
+    average 11.8-12.0 of a possible 12 in one process, 11.0-12.0 in two (largest gap 0.97); the first 3 average
+    0.2-0.4. Not a bound for every seed: on a CPU with bf16 units, seeds 2 and 3 ended at 8.7 and 10.3 in two
+    processes (float32) and seed 2 at 3.4 in one (bf16). In bf16 too (the same-rollouts test above is float32 only:
+    bf16 rounding depends on the batch's shape, so one and two processes drift apart within a few updates)."""
     one = ppo_curves("components.ppo:train_ppo", "none", still_checkpoint, tmp_path, total_updates=24,
                      mini_batch_size=16, bf16=bf16)
     two = ppo_curves("components.ppo:train_ppo", "cpu_ddp", still_checkpoint, tmp_path, total_updates=24,
