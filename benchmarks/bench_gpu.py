@@ -23,7 +23,7 @@ import tempfile
 import time
 
 WIDE = ["model.init.arch.n_layer=12", "model.init.arch.n_embd=768", "model.init.arch.n_head=12"]
-# conf/experiment/gpu.yaml holds the GPU settings (bf16, device, PPO batch 512 at lr 3e-6); the random model's own
+# conf/experiment/gpu.yaml holds the GPU settings (bf16, device, rl=ppo_gpu); the random model's own
 # learning rates are set here.
 GPU = ["experiment=gpu", *WIDE, "sft.args.learning_rate=3e-4", "reward.args.learning_rate=1e-4"]
 CHECK = ["device=cpu", "model.init.arch.n_layer=2", "experiment=smoke", "rl.total_updates=4", "num_threads=2",
