@@ -3,10 +3,11 @@
 Run by hand on a machine with a GPU: `python benchmarks/bench_gpu.py [hydra overrides…]` (~4 minutes on an H200;
 README "On a GPU" has the figures, and `benchmarks/gpu_bundle.sh` packs the dependencies for an offline GPU image).
 The embedded task's model is widened to GPT-2-small's shape (12 layers × 768, ~86 M parameters with the embedded
-vocabulary); the TRL stages train in bf16 (`+trainer=gpu`), our PPO and evaluation run on `device=cuda` (float32
-weights, bf16 autocast, as `rl.bf16` follows `+trainer=gpu`). Prints the GPU, per-stage wall time, PPO tokens/s, peak
-GPU memory and the headline metrics; then trains PPO again in float32 (`rl.bf16=false`, SFT and reward model from the
-cache) and prints the ratio of their steady seconds per update (the median after the first, from MLflow).
+vocabulary) and run with `experiment=gpu`: the TRL stages train in bf16, our PPO and evaluation run on `device=cuda`,
+PPO (`rl=ppo_gpu`) with float32 weights in bf16 autocast and rollouts of 512. Prints the GPU, per-stage wall time,
+PPO tokens/s, peak GPU memory and the headline metrics; then trains PPO again in float32 (`rl.bf16=false`, SFT and
+reward model from the cache) and prints the ratio of their steady seconds per update (the median after the first,
+from MLflow).
 `--check` runs the same script on the CPU with a 2-layer model, to test the script itself where no GPU is lent.
 `--root=DIR` uses (or fills) the store in DIR instead of a fresh one, so variants of a later stage reuse the cached
 earlier ones; `--no-compare` skips the float32 PPO run.

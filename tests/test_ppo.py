@@ -348,6 +348,17 @@ def test_bf16_runs_the_matrix_products_in_bfloat16_and_returns_float32(tiny_chec
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
 
 
+def test_bf16_old_logprobs_come_from_the_training_forward(tiny_checkpoint, tmp_path):
+    """Under bf16 the first optimiser step sees ratios of exactly 1: the old log-probs come from a whole-sequence
+    forward like the step's own, not from the sampler's KV-cache steps (whose bf16 rounding differs: measured
+    approx_kl 9e-8 with them, 0.0 without). One step on the whole batch, so no update precedes it."""
+    logged: list[dict[str, float]] = []
+    train_ppo(tiny_checkpoint, synthetic_corpus(64, 1), toy_reward(),
+              settings(bf16=True, total_updates=1, ppo_epochs=1, mini_batch_size=32), str(tmp_path / "out"),
+              lambda i, m: logged.append(m))  # fmt: skip
+    assert logged[0]["ppo/approx_kl"] == 0.0 and logged[0]["ppo/clipfrac"] == 0.0
+
+
 def test_normalised_rewards_make_ppo_blind_to_the_reward_models_scale_and_offset(tiny_checkpoint, tmp_path):
     """With normalize_reward the policy learns the same from a reward and from 100x it plus 5 (what two reward
     models trained to different scales give); without it, the scale changes what is learned."""
