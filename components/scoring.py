@@ -68,19 +68,21 @@ class RewardScorer:
 
     @torch.no_grad()
     def _logits(self, prompts: list[str], completions: list[str], batch_size: int) -> torch.Tensor:
-        """The reward model's outputs for each pair, (n, heads) on the CPU, in batches without gradients."""
+        """The reward model's outputs for each pair, (n, heads) on the CPU, in batches without gradients.
+
+        Batches take the texts in order of length, so each pads little (right padding changes no row's score);
+        the outputs come back in the pairs' order."""
         texts = self.texts(prompts, completions)
+        ids = self.tokenizer(texts, truncation=self.max_length is not None, max_length=self.max_length).input_ids
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         scores: list[torch.Tensor] = []
-        for start in range(0, len(texts), batch_size):
-            enc = self.tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
+        for start in range(0, len(order), batch_size):
+            rows = [{"input_ids": ids[i]} for i in order[start : start + batch_size]]
+            enc = self.tokenizer.pad(rows, return_tensors="pt").to(self.device)
             scores.append(self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits.float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0, max(1, len(self.heads)))
+        if not scores:
+            return torch.zeros(0, max(1, len(self.heads)))
+        return torch.cat(scores)[torch.argsort(torch.tensor(order))]
 
     def shares_tokenizer(self, other: PreTrainedTokenizerBase) -> bool:
         """True when `other` gives every token the same id as ours, special tokens included."""

@@ -142,7 +142,8 @@ def train_reward_model(spec: dict[str, Any], stage_dir: Path, run_id: str) -> di
     pairs = pairs.select_columns(["prompt", "chosen", "rejected", *(["annotator"] if conditioning else [])])
     logger = StageLogger("reward", run_id, None, "reward/loss")
     metrics = _run_trainer(spec, stage_dir, train_rm, cfg["args"], logger,
-                           init_path=init, train=pairs, ema_decay=_ema_decay(spec), **conditioning)
+                           init_path=init, train=pairs, ema_decay=_ema_decay(spec),
+                           length_buckets=cfg.get("length_buckets", 1), **conditioning)
     scorer = RewardScorer(str(stage_dir / "model"), resolve_device(spec["config"]["device"]), None)
     metrics |= pairwise_accuracy(scorer, load_split(data, "preference_eval"), cfg["score_batch_size"])
     ceiling = data["metrics"].get("data/bayes_ceiling")

@@ -112,6 +112,7 @@ GLOBAL_RULES: dict[str, tuple] = {
 RULES: dict[str, tuple] = {
     "rl.reward_batch_size": POSITIVE_INT,
     "reward.score_batch_size": POSITIVE_INT,
+    "reward.length_buckets": POSITIVE_INT,
     "reward.ema_decay": (lambda v: v is None or (_number(v) and 0 < v < 1),
                          "use a number in (0, 1), e.g. 0.98, or null to keep the last step's weights"),
     "eval.n_table_rows": (lambda v: _integer(v) and v >= 0, "use an integer >= 0"),

@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 from hydra.utils import instantiate
 
-from components.reward import HeadOf, RewardConditioning, pairwise_accuracy, train_reward_model
+from components.reward import HeadOf, LengthBuckets, RewardConditioning, pairwise_accuracy, train_reward_model
 from components.scoring import RewardScorer
 from flows.config import compose_config
 from tests.helpers import synthetic_corpus
@@ -101,6 +101,59 @@ def test_scorer_truncates_from_the_left_keeping_the_completion_and_eos(reward_ru
     assert a == pytest.approx(b, abs=1e-5)
     full = RewardScorer(reward_run["out"], "cpu", max_length=None)
     assert full.score(prompts, [" very happy"] * 2, batch_size=2) != pytest.approx([a, b], abs=1e-5)
+
+
+def test_scorer_batches_by_length_and_returns_scores_in_the_pairs_order(reward_run):
+    """Scored in batches (taken in order of length), every pair gets the score it gets alone."""
+    scorer = RewardScorer(reward_run["out"], "cpu", None)
+    pairs = clear_pairs(9, seed=3)
+    prompts, completions = list(pairs["prompt"]), [c + " the mat" * (i % 4) for i, c in enumerate(pairs["chosen"])]
+    alone = [scorer.score([p], [c], 1)[0] for p, c in zip(prompts, completions, strict=True)]
+    assert scorer.score(prompts, completions, 4) == pytest.approx(alone, abs=1e-5)
+    assert len(set(alone)) == len(alone)  # distinct scores, so a mix-up of the order would show
+
+
+def padded_batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`texts` right-padded into one batch, as TRL's preference collator lays them out."""
+    enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+def test_length_buckets_give_one_forwards_logits_and_gradients(tiny_checkpoint):
+    """Rows of many lengths run as 3 forwards over length groups: the logits (in the batch's order) and the
+    gradients of their sum are those of one forward over the whole padded batch; under HeadOf too."""
+    from components.modeling import load_reward_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    model = load_reward_model(tiny_checkpoint, heads=["a", "b"])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    texts = [" ".join(["the cat sat"] * n) for n in (1, 6, 2, 9, 3, 1, 5, 2)]  # 4 pairs: chosen rows, then rejected
+    ids, mask = padded_batch(tokenizer, texts)
+    grads = []
+    for forward in (model, LengthBuckets(model, 3)):
+        model.zero_grad()
+        logits = HeadOf(forward, torch.tensor([0, 1, 1, 0]))(input_ids=ids, attention_mask=mask).logits
+        logits.sum().backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (one, one_grads), (buckets, bucket_grads) = grads
+    assert one.shape == buckets.shape == (8, 1) and torch.allclose(one, buckets, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one_grads, bucket_grads, strict=True))
+
+
+def test_training_in_length_buckets_follows_the_same_losses(tmp_path, tiny_checkpoint, reward_run):
+    """`reward_run` again with `length_buckets=4`: the same logged losses, step for step, up to float rounding."""
+    cfg = compose_config(["reward.args.num_train_epochs=8", "reward.args.per_device_train_batch_size=16",
+                          "reward.args.learning_rate=0.003", "reward.args.warmup_steps=0",
+                          "reward.args.logging_steps=4"])  # as reward_run
+    args = instantiate(cfg["reward"]["args"], output_dir=str(tmp_path / "trainer"))
+    logs: list[tuple[int, dict[str, float]]] = []
+    train_reward_model(tiny_checkpoint, reward_run["pairs"], args, tmp_path / "model", lambda s, m: logs.append((s, m)),
+                       length_buckets=4)
+    losses = [(step, m["reward/loss"]) for step, m in logs if "reward/loss" in m]
+    expected = [(step, m["reward/loss"]) for step, m in reward_run["logs"] if "reward/loss" in m]
+    assert len(losses) == len(expected) >= 4
+    assert [s for s, _ in losses] == [s for s, _ in expected]
+    assert [v for _, v in losses] == pytest.approx([v for _, v in expected], rel=1e-3, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------- annotator-conditioned reward
