@@ -132,11 +132,12 @@ class LengthBuckets:
 
 class BucketedRewardTrainer(RewardTrainer):
     """TRL's RewardTrainer with its forward in `length_buckets` groups of rows of similar length (`LengthBuckets`).
-    One group under several processes: DDP and its kin expect one forward per backward."""
+    One group under several processes, DeepSpeed or FSDP: their wrappers expect one forward per backward."""
 
     def __init__(self, *args: Any, length_buckets: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.length_buckets = length_buckets if self.accelerator.num_processes == 1 else 1
+        wrapped = self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled
+        self.length_buckets = 1 if wrapped else length_buckets
 
     def bucketed(self, model: Any) -> Any:
         """`model`, called in length groups when there is more than one."""
