@@ -73,6 +73,8 @@ class RewardScorer:
         Batches take the texts in order of length, so each pads little (right padding changes no row's score);
         the outputs come back in the pairs' order."""
         texts = self.texts(prompts, completions)
+        if not texts:
+            return torch.zeros(0, max(1, len(self.heads)))
         ids = self.tokenizer(texts, truncation=self.max_length is not None, max_length=self.max_length).input_ids
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         scores: list[torch.Tensor] = []
@@ -80,8 +82,6 @@ class RewardScorer:
             rows = [{"input_ids": ids[i]} for i in order[start : start + batch_size]]
             enc = self.tokenizer.pad(rows, return_tensors="pt").to(self.device)
             scores.append(self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits.float().cpu())
-        if not scores:
-            return torch.zeros(0, max(1, len(self.heads)))
         return torch.cat(scores)[torch.argsort(torch.tensor(order))]
 
     def shares_tokenizer(self, other: PreTrainedTokenizerBase) -> bool:

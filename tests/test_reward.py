@@ -111,6 +111,7 @@ def test_scorer_batches_by_length_and_returns_scores_in_the_pairs_order(reward_r
     alone = [scorer.score([p], [c], 1)[0] for p, c in zip(prompts, completions, strict=True)]
     assert scorer.score(prompts, completions, 4) == pytest.approx(alone, abs=1e-5)
     assert len(set(alone)) == len(alone)  # distinct scores, so a mix-up of the order would show
+    assert scorer.score([], [], 4) == [] and scorer.score_heads([], [], 4) == []
 
 
 def padded_batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
