@@ -132,12 +132,12 @@ class LengthBuckets:
 
 class BucketedRewardTrainer(RewardTrainer):
     """TRL's RewardTrainer with its forward in `length_buckets` groups of rows of similar length (`LengthBuckets`).
-    One group under several processes, DeepSpeed or FSDP: their wrappers expect one forward per backward."""
+    Under DDP one backward over the groups' forwards gives the same gradients (tested with two processes); under
+    DeepSpeed or FSDP, whose engines gather and free weights around each forward, it keeps one forward (untried)."""
 
     def __init__(self, *args: Any, length_buckets: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        wrapped = self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled
-        self.length_buckets = 1 if wrapped else length_buckets
+        self.length_buckets = 1 if self.is_deepspeed_enabled or self.is_fsdp_enabled else length_buckets
 
     def bucketed(self, model: Any) -> Any:
         """`model`, called in length groups when there is more than one."""
