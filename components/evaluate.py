@@ -19,11 +19,24 @@ from components.hooks import GoldFn
 from components.modeling import load_causal_lm, load_tokenizer
 from components.scoring import RewardScorer
 
+STDERR = "_stderr"  # suffix of a metric's standard error over the held-out prompts (`eval/win_rate_vs_sft_stderr`)
+
 
 def win_rate(ours: list[float], theirs: list[float]) -> float:
     """Share of prompts where `ours` beats `theirs`, ties counting half."""
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
     return sum(wins) / len(wins)
+
+
+def win_rate_stderr(ours: list[float], theirs: list[float]) -> float:
+    """Standard error of `win_rate` over the prompts: the per-prompt outcomes' (1, 0.5, 0) sample standard deviation
+    over the root of their number. How far another sample of prompts could move the win rate: two runs' win rates
+    closer than about twice the root of their summed squared errors are not told apart by these prompts."""
+    if len(ours) < 2:
+        raise ValueError("a standard error needs at least two prompts")
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
+    rate = sum(wins) / len(wins)
+    return (sum((w - rate) ** 2 for w in wins) / (len(wins) - 1) / len(wins)) ** 0.5
 
 
 def mean(values: list[float]) -> float:
@@ -70,10 +83,13 @@ def compare_policies(
         metrics[f"eval/{name}_reward_mean"] = mean(score)
         metrics[f"eval/{name}_reward_mean_sft"] = mean(score_sft)
         metrics[f"eval/{name}_win_rate_vs_sft"] = win_rate(score, score_sft)
+        if len(prompts) > 1:
+            metrics[f"eval/{name}_win_rate_vs_sft{STDERR}"] = win_rate_stderr(score, score_sft)
         for row, a, b in zip(rows, score, score_sft, strict=True):
             row[f"{name}_policy"], row[f"{name}_sft"] = a, b
-    if "eval/gold_win_rate_vs_sft" in metrics:
-        metrics["eval/win_rate_vs_sft"] = metrics["eval/gold_win_rate_vs_sft"]
+    for suffix in ("", STDERR):
+        if f"eval/gold_win_rate_vs_sft{suffix}" in metrics:
+            metrics[f"eval/win_rate_vs_sft{suffix}"] = metrics[f"eval/gold_win_rate_vs_sft{suffix}"]
     return metrics | profile_metrics(profiles, ours.texts, base.texts), rows
 
 

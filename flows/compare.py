@@ -2,9 +2,10 @@
 
 A pandas table of runs × headline metrics (the registry's `Stage.headline`, the chosen metric first), the config
 diff against a baseline run, a one-paragraph verdict (which run wins on the metric, by how much over the
-runner-up and the baseline, at what KL), and plots: the reward–KL frontier per variant, the over-optimisation
-view with Gao et al.'s fitted gold curve, and the policies' training curves. Printed, saved as CSV, HTML and PNG,
-and logged on the sweep run. The sweep callback (`flows.sweep`) calls the same code at the end of `-m`.
+runner-up and the baseline, at what KL, and whether the held-out prompts tell them apart), and plots: the
+reward–KL frontier per variant, the over-optimisation view with Gao et al.'s fitted gold curve, and the policies'
+training curves. Printed, saved as CSV, HTML and PNG, and logged on the sweep run. The sweep callback
+(`flows.sweep`) calls the same code at the end of `-m`.
 
     alignflow-compare                         # the latest sweep
     alignflow-compare alignflow               # every pipeline run of the experiment `alignflow`
@@ -31,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from flows.plots import KL, Overoptimization, curves_figure, frontier_figure, overoptimization_figure
 
 DEFAULT_METRIC = "eval/win_rate_vs_sft"
+STDERR = "_stderr"  # a metric's standard error over the held-out prompts: components.evaluate.STDERR (that loads torch)
 SWEEP_TAG = "alignflow.sweep"
 POLICY_STAGES = ("ppo", "rloo", "grpo", "dpo")
 CURVES = (("mean_reward", "reward", "rewards/margins"), ("kl", "loss"))  # per policy stage: a reward, a KL curve
@@ -148,7 +150,7 @@ def headline_columns(metric: str, present: set[str]) -> list[str]:
     """The chosen metric, then eval's headline, then every other stage's, as far as the runs have them."""
     from flows.stages import STAGES
 
-    names = [metric, *STAGES["eval"].headline, *PLOT_METRICS]
+    names = [metric, metric + STDERR, *STAGES["eval"].headline, *PLOT_METRICS]
     for stage in STAGES.values():
         names.extend(stage.headline)
     return [n for n in dict.fromkeys(names) if n in present]
@@ -192,7 +194,8 @@ def baseline_index(records: list[dict[str, Any]], labels: list[str], baseline: s
 
 
 def verdict(table: pd.DataFrame, metric: str, mode: str, baseline: str) -> tuple[str, str | None]:
-    """Which run wins on `metric`, at what KL, by how much over the runner-up and the baseline; and its name."""
+    """Which run wins on `metric`, at what KL, by how much over the runner-up and the baseline, whether the held-out
+    prompts tell them apart (where the runs logged the metric's standard error); and the winner's name."""
     values = table[metric].dropna() if metric in table else pd.Series(dtype=float)
     if values.empty:
         return f"Verdict: no run has {metric}; nothing to rank ({len(table)} run(s), see status).", None
@@ -200,25 +203,47 @@ def verdict(table: pd.DataFrame, metric: str, mode: str, baseline: str) -> tuple
     best, value = str(ranked.index[0]), float(ranked.iloc[0])
     at = f" at {KL}={table.at[best, KL]:.4g}" if KL in table and pd.notna(table.at[best, KL]) else ""
     parts = [f"Verdict: `{best}` wins on {metric} ({_better(mode)}) with {value:.4g}{at}"]
+    close = ""
     if len(ranked) > 1:
         second = str(ranked.index[1])
         role = "the runner-up and baseline" if second == baseline else "the runner-up"
-        parts.append(_versus(role, second, value, float(ranked.iloc[1])))
+        z = separation(table, metric, best, second)
+        parts.append(_versus(role, second, value, float(ranked.iloc[1]), z))
+        if z is not None and z < NOISE_Z:
+            close = (f" The held-out prompts do not tell `{best}` from `{second}` apart (under {NOISE_Z:g} standard "
+                     "errors): evaluate on more prompts (eval.max_prompts) or compare over seeds before choosing.")
     if best == baseline:
         parts.append("it is the baseline")
     elif baseline in ranked.index and baseline != ranked.index[1]:
-        parts.append(_versus("the baseline", baseline, value, float(ranked[baseline])))
+        z = separation(table, metric, best, baseline)
+        parts.append(_versus("the baseline", baseline, value, float(ranked[baseline]), z))
     elif baseline not in ranked.index:
         parts.append(f"the baseline `{baseline}` has no {metric}")
     missing = len(table) - len(ranked)
     tail = f" {missing} run(s) have no {metric} (failed or not evaluated)." if missing else ""
-    return "; ".join(parts) + "." + tail, best
+    return "; ".join(parts) + "." + close + tail, best
 
 
-def _versus(role: str, name: str, value: float, other: float) -> str:
+NOISE_Z = 2.0  # differences under this many standard errors are read as evaluation noise (about 95%, two-sided)
+
+
+def separation(table: pd.DataFrame, metric: str, a: str, b: str) -> float | None:
+    """|metric(a) − metric(b)| in standard errors of the difference, sqrt(se_a² + se_b²), from the runs' logged
+    `<metric>_stderr` (taken as independent; runs sharing an SFT model are correlated, which makes this cautious);
+    None where either run has no standard error."""
+    column = metric + STDERR
+    if column not in table or table.loc[[a, b], column].isna().any():
+        return None
+    spread = float((table.at[a, column] ** 2 + table.at[b, column] ** 2) ** 0.5)
+    gap = abs(float(table.at[a, metric]) - float(table.at[b, metric]))
+    return gap / spread if spread > 0 else (0.0 if gap == 0 else float("inf"))
+
+
+def _versus(role: str, name: str, value: float, other: float, z: float | None = None) -> str:
+    noise = "" if z is None else f"; {z:.2g} standard errors" + (", within evaluation noise" if z < NOISE_Z else "")
     if value == other:
-        return f"tied with {role} `{name}` ({other:.4g}; the earlier run is named)"
-    return f"{value - other:+.3g} over {role} `{name}` ({other:.4g})"
+        return f"tied with {role} `{name}` ({other:.4g}{noise}; the earlier run is named)"
+    return f"{value - other:+.3g} over {role} `{name}` ({other:.4g}{noise})"
 
 
 def overoptimization_note(found: Overoptimization | None) -> str:

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from components.annotators import AnnotatorProfile
-from components.evaluate import compare_policies, kl_to_reference, mean, profile_metrics, win_rate, worst_served
+from components.evaluate import (
+    compare_policies,
+    kl_to_reference,
+    mean,
+    profile_metrics,
+    win_rate,
+    win_rate_stderr,
+    worst_served,
+)
 from components.generation import SamplingSettings, sample_completions
 from components.modeling import load_causal_lm, load_tokenizer
 from components.scoring import RewardScorer
@@ -34,6 +42,16 @@ def test_win_rate_counts_ties_as_half():
 
 def test_mean():
     assert mean([1.0, 2.0, 6.0]) == 3.0 and mean([-0.5]) == -0.5
+
+
+def test_win_rate_stderr_is_the_outcomes_standard_error():
+    # outcomes 1, 0, 0.5, 1: mean 0.625, squared deviations sum to 0.6875; sample variance 0.6875 / 3, over n = 4
+    assert win_rate_stderr([2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx((0.6875 / 3 / 4) ** 0.5)
+    wins = [1.0] * 80 + [0.0] * 20  # wins and losses only: p(1 - p) / (n - 1)
+    assert win_rate_stderr(wins, [0.5] * 100) == pytest.approx((0.8 * 0.2 / 99) ** 0.5)
+    assert win_rate_stderr([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]) == 0.0  # unanimous prompts: no spread
+    with pytest.raises(ValueError, match="two prompts"):
+        win_rate_stderr([1.0], [0.0])
 
 
 def test_kl_of_a_model_to_itself_is_zero_and_to_another_positive(tiny_checkpoint):
@@ -61,6 +79,8 @@ def test_compare_policies_of_a_model_with_itself_is_all_ties(tiny_checkpoint):
     metrics, rows = compare_policies(tiny_checkpoint, tiny_checkpoint, PROMPTS, settings, "cpu", scorer, gold)
     assert metrics["eval/gold_win_rate_vs_sft"] == 0.5 and metrics["eval/proxy_win_rate_vs_sft"] == 0.5
     assert metrics["eval/win_rate_vs_sft"] == metrics["eval/gold_win_rate_vs_sft"]
+    assert metrics["eval/gold_win_rate_vs_sft_stderr"] == 0.0 == metrics["eval/proxy_win_rate_vs_sft_stderr"]  # ties
+    assert metrics["eval/win_rate_vs_sft_stderr"] == metrics["eval/gold_win_rate_vs_sft_stderr"]
     assert metrics["eval/kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["eval/gold_reward_mean"] == metrics["eval/gold_reward_mean_sft"]
     assert metrics["eval/mean_length"] == metrics["eval/mean_length_sft"] > 0

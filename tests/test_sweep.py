@@ -47,7 +47,7 @@ def _pipeline_run(client: MlflowClient, exp: str, sweep: str, coef: float, d: fl
     client.log_artifact(run, str(tmp / "config.yaml"))
     for name, value in {"eval/win_rate_vs_sft": 0.5 + 0.1 * gain, "eval/gold_reward_mean": 0.1 + gain,
                         "eval/gold_reward_mean_sft": 0.1, "eval/kl_to_sft": d * d, "reward/eval_accuracy": 0.7,
-                        "data/n_sft": 300.0}.items():
+                        "data/n_sft": 300.0, "eval/win_rate_vs_sft_stderr": 0.01}.items():
         client.log_metric(run, name, value)
     tags = {"mlflow.parentRunId": run, "alignflow.stage": "eval"}
     eval_run = client.create_run(exp, run_name="eval", tags=tags).info.run_id
@@ -80,7 +80,8 @@ def test_compare_table_diff_verdict_plots_logged_on_the_sweep_run(fake_sweep):
     cmp = compare(client, jobs, out_dir=root / "out", log_to=sweep)
 
     assert list(cmp.table.index) == [f"rlhf kl_coef={c}" for c in COEFS]
-    assert list(cmp.table.columns[:4]) == ["run_id", "status", "variant", "eval/win_rate_vs_sft"]
+    assert list(cmp.table.columns[:5]) == ["run_id", "status", "variant", "eval/win_rate_vs_sft",
+                                           "eval/win_rate_vs_sft_stderr"]
     assert set(cmp.table["variant"]) == {"rlhf/ppo"}
     assert "eval/proxy_reward_mean" in cmp.table  # merged in from the eval stage run
     assert "data/n_sft" not in cmp.table  # the same for every run: no column
@@ -89,6 +90,10 @@ def test_compare_table_diff_verdict_plots_logged_on_the_sweep_run(fake_sweep):
     assert "`rlhf kl_coef=0.05` wins on eval/win_rate_vs_sft" in cmp.verdict
     assert "over the runner-up `rlhf kl_coef=0.1`" in cmp.verdict and "baseline `rlhf kl_coef=0.4`" in cmp.verdict
     assert "at eval/kl_to_sft=9" in cmp.verdict
+    # win rates 0.5 + 0.1 * gain, each ± 0.01: 0.0045 over the runner-up is noise, 0.068 over the baseline is not
+    assert "(0.6307; 0.32 standard errors, within evaluation noise)" in cmp.verdict
+    assert "(0.5673; 4.8 standard errors)" in cmp.verdict
+    assert "do not tell `rlhf kl_coef=0.05` from `rlhf kl_coef=0.1` apart" in cmp.verdict
     fit = cmp.overoptimization.fit
     assert (fit.alpha, fit.beta) == pytest.approx((1.0, 0.5), abs=1e-6)
     assert fit.peak_kl == pytest.approx(math.e**2) and cmp.overoptimization.onset_kl == pytest.approx(9.0)
@@ -119,6 +124,7 @@ def test_compare_cli_latest_sweep_run_ids_and_errors(fake_sweep, monkeypatch, ca
                  "eval/kl_to_sft", "--mode", "min"]) == 0
     out = capsys.readouterr().out
     assert "Verdict: `rlhf kl_coef=0.4` wins on eval/kl_to_sft (lower is better)" in out
+    assert "standard errors" not in out  # no standard error logged for the KL: no claim about noise
     assert "baseline `rlhf kl_coef=0.2`" in out
     assert main(["no-such-thing"]) == 2
     assert "neither an experiment nor a run id" in capsys.readouterr().err
