@@ -18,25 +18,7 @@ from components.generation import Rollout, SamplingSettings, sample, sequence_lo
 from components.hooks import GoldFn
 from components.modeling import load_causal_lm, load_tokenizer
 from components.scoring import RewardScorer
-
-STDERR = "_stderr"  # suffix of a metric's standard error over the held-out prompts (`eval/win_rate_vs_sft_stderr`)
-
-
-def win_rate(ours: list[float], theirs: list[float]) -> float:
-    """Share of prompts where `ours` beats `theirs`, ties counting half."""
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
-    return sum(wins) / len(wins)
-
-
-def win_rate_stderr(ours: list[float], theirs: list[float]) -> float:
-    """Standard error of `win_rate` over the prompts: the per-prompt outcomes' (1, 0.5, 0) sample standard deviation
-    over the root of their number. How far another sample of prompts could move the win rate: two runs' win rates
-    closer than about twice the root of their summed squared errors are not told apart by these prompts."""
-    if len(ours) < 2:
-        raise ValueError("a standard error needs at least two prompts")
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
-    rate = sum(wins) / len(wins)
-    return (sum((w - rate) ** 2 for w in wins) / (len(wins) - 1) / len(wins)) ** 0.5
+from components.stats import STDERR, win_rate, win_rate_stderr
 
 
 def mean(values: list[float]) -> float:

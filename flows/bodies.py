@@ -22,6 +22,7 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
+from components.stats import STDERR
 from flows.progress import StageLogger
 
 if TYPE_CHECKING:  # `datasets` and components.modeling (torch) are imported by the bodies that run
@@ -438,13 +439,16 @@ def register_policy(spec: dict[str, Any], stage_dir: Path, run_id: str) -> dict[
     pipeline_run = run.data.tags["mlflow.parentRunId"]
     model_id = stage_model(policy, run.info.experiment_id, spec["options"]["log_models"])
     value = evaluated["metrics"].get(registry["metric"])
+    stderr = evaluated["metrics"].get(registry["metric"] + STDERR)  # logged by eval for its win rates
     tags = {"alignflow.stage": policy["stage"], "alignflow.key": policy["key"],
             "alignflow.checkpoint": str(Path(policy["path"]) / "model"), "alignflow.pipeline_run": pipeline_run,
             "alignflow.eval_run": evaluated["mlflow_run_id"], "alignflow.metric": registry["metric"]}
     if value is not None:
         tags["alignflow.metric_value"] = repr(float(value))
+    if stderr is not None:
+        tags[f"alignflow.metric{STDERR}_value"] = repr(float(stderr))
     version = find_or_register(registry["model_name"], model_id, policy["manifest"]["digest"], tags)
-    decision, reason = gate(registry, version, value)
+    decision, reason = gate(registry, version, value, stderr)
     record_verdict(registry["model_name"], version.version, decision.outcome, reason, [run_id, pipeline_run])
     (stage_dir / "registration.json").write_text(json.dumps(
         {"model_name": registry["model_name"], "version": int(version.version), "model_id": model_id,

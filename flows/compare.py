@@ -29,10 +29,10 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from components.stats import STDERR
 from flows.plots import KL, Overoptimization, curves_figure, frontier_figure, overoptimization_figure
 
 DEFAULT_METRIC = "eval/win_rate_vs_sft"
-STDERR = "_stderr"  # a metric's standard error over the held-out prompts: components.evaluate.STDERR (that loads torch)
 SWEEP_TAG = "alignflow.sweep"
 POLICY_STAGES = ("ppo", "rloo", "grpo", "dpo")
 CURVES = (("mean_reward", "reward", "rewards/margins"), ("kl", "loss"))  # per policy stage: a reward, a KL curve

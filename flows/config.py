@@ -124,6 +124,7 @@ RULES: dict[str, tuple] = {
                         "eval/win_rate_vs_sft"),
     "registry.direction": (lambda v: v in DIRECTIONS, "use higher or lower (which way is better)"),
     "registry.margin": (lambda v: _number(v) and v >= 0, "use a number >= 0"),
+    "registry.noise_z": (lambda v: _number(v) and v >= 0, "use a number >= 0 (0: the margin alone decides)"),
 }
 EMBEDDED_RULES: dict[str, tuple] = {
     f"data.embedded.{k}": POSITIVE_INT

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.promotion import GateDecision, champion_gate
+from components.stats import STDERR
 
 log = logging.getLogger("alignflow")
 LOADERS = {"reward": "AutoModelForSequenceClassification"}  # every other checkpoint is a causal LM (a policy)
@@ -71,8 +72,10 @@ def champion(name: str, alias: str) -> ModelVersion | None:
 def version_value(version: ModelVersion, metric: str) -> float | None:
     """A version's value of `metric`: the one recorded at registration, else its evaluation's (eval stage run,
     then pipeline run: the gate metric may have changed since), else None."""
-    if version.tags.get("alignflow.metric") == metric and "alignflow.metric_value" in version.tags:
-        return float(version.tags["alignflow.metric_value"])
+    for suffix in ("", STDERR):  # the gate metric's value and standard error, as recorded at registration
+        recorded = version.tags.get(f"alignflow.metric{suffix}_value")
+        if version.tags.get("alignflow.metric", "") + suffix == metric and recorded is not None:
+            return float(recorded)
     for tag in ("alignflow.eval_run", "alignflow.pipeline_run"):
         try:
             metrics = MlflowClient().get_run(version.tags[tag]).data.metrics
@@ -99,13 +102,18 @@ def find_or_register(name: str, model_id: str, digest: str, tags: dict[str, str]
     return client.get_model_version(name, version.version)
 
 
-def gate(registry: dict[str, Any], version: ModelVersion, value: float | None) -> tuple[GateDecision, str]:
-    """Apply the quality gate to `version` (scoring `value`) against the current champion; move the alias if it
-    passes. Returns the decision and the full reason (metric, comparison, champion version)."""
+def gate(registry: dict[str, Any], version: ModelVersion, value: float | None,
+         stderr: float | None = None) -> tuple[GateDecision, str]:
+    """Apply the quality gate to `version` (scoring `value`, ± `stderr` over the held-out prompts) against the
+    current champion; move the alias if it passes. Returns the decision and the full reason (metric, comparison,
+    champion version)."""
     current = champion(registry["model_name"], registry["alias"])
     same = current is not None and current.version == version.version
     theirs = version_value(current, registry["metric"]) if current is not None and not same else None
-    decision = champion_gate(value, theirs, registry["margin"], registry["direction"], already_champion=same)
+    their_stderr = version_value(current, registry["metric"] + STDERR) if current is not None and not same else None
+    spread = None if stderr is None or their_stderr is None else (stderr**2 + their_stderr**2) ** 0.5
+    decision = champion_gate(value, theirs, registry["margin"], registry["direction"], already_champion=same,
+                             spread=spread, noise_z=registry.get("noise_z", 0.0))
     reason = f"{registry['metric']} {decision.reason}"
     if current is not None and not same:
         reason += f" (champion v{current.version})"

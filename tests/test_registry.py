@@ -39,12 +39,31 @@ def test_gate_decides_and_says_why(new, current, margin, direction, promote, rea
     assert decision.outcome == ("promoted" if promote else "kept")
 
 
+SPREAD = (2 * 0.027**2) ** 0.5  # two win rates near 0.75 on 256 prompts: ±0.027 each
+
+
+@pytest.mark.parametrize(("new", "spread", "noise_z", "promote", "reason"), [
+    (0.70, SPREAD, 2.0, False, "0.7 <= 0.65 + 0.07637 (2 standard errors; margin 0.02)"),  # beats the margin only
+    (0.75, SPREAD, 2.0, True, "0.75 > 0.65 + 0.07637 (2 standard errors; margin 0.02)"),
+    (0.70, SPREAD, 0.0, True, "0.7 > 0.65 + 0.02"),  # noise_z 0: the margin alone
+    (0.70, 0.005, 2.0, True, "0.7 > 0.65 + 0.02"),  # many prompts: the margin is the larger hurdle
+    (0.70, None, 2.0, True, "0.7 > 0.65 + 0.02"),  # a side without a standard error: the margin alone
+])  # fmt: skip
+def test_gate_needs_the_gain_to_clear_evaluation_noise(new, spread, noise_z, promote, reason):
+    decision = champion_gate(new, 0.65, 0.02, "higher", spread=spread, noise_z=noise_z)
+    assert (decision.promote, decision.reason) == (promote, reason)
+    lower = champion_gate(1 - new, 0.35, 0.02, "lower", spread=spread, noise_z=noise_z)
+    assert lower.promote == promote
+
+
 def test_gate_keeps_the_champion_itself_and_rejects_bad_settings():
     assert champion_gate(0.9, 0.1, 0.0, already_champion=True).reason == "already the champion"
     with pytest.raises(ValueError, match="direction"):
         champion_gate(0.5, 0.4, 0.0, "up")
     with pytest.raises(ValueError, match="margin"):
         champion_gate(0.5, 0.4, -0.1)
+    with pytest.raises(ValueError, match="noise_z"):
+        champion_gate(0.5, 0.4, 0.0, spread=0.01, noise_z=-1.0)
 
 
 # ---------------------------------------------------------------------- registration against a real store
@@ -66,13 +85,16 @@ def _policy(root: Path, experiment: str, name: str, logged: bool = True) -> dict
             "manifest": {"digest": f"digest-{name}"}}
 
 
-def _register(root: Path, experiment: str, policy: dict, value: float, **registry) -> tuple[str, dict]:
-    """One pipeline run's register stage for `policy` evaluated at `value`; returns (pipeline run, metrics)."""
+def _register(root: Path, experiment: str, policy: dict, value: float, stderr: float | None = None,
+              **registry) -> tuple[str, dict]:
+    """One pipeline run's register stage for `policy` evaluated at `value` (± `stderr`, when given); returns
+    (pipeline run, metrics)."""
     pipeline = MlflowClient().create_run(experiment, tags={"alignflow.pipeline": "rlhf"}).info.run_id
     cfg = {"enabled": True, "model_name": NAME, "alias": "champion", "metric": "eval/win_rate_vs_sft",
-           "direction": "higher", "margin": 0.02, **registry}
+           "direction": "higher", "margin": 0.02, "noise_z": 2.0, **registry}
+    evaluated = {cfg["metric"]: value} | ({cfg["metric"] + "_stderr": stderr} if stderr is not None else {})
     spec = {"config": {"registry": cfg}, "options": {"log_models": True}, "upstream": {
-        "policy": policy, "eval": {"stage": "eval", "mlflow_run_id": pipeline, "metrics": {cfg["metric"]: value}}}}
+        "policy": policy, "eval": {"stage": "eval", "mlflow_run_id": pipeline, "metrics": evaluated}}}
     stage_dir = root / "artifacts" / "register" / pipeline
     stage_dir.mkdir(parents=True)
     with stage_run(experiment, pipeline, "register", pipeline, cached=False) as run_id:
@@ -116,6 +138,22 @@ def test_champion_moves_only_through_the_gate_and_registration_is_idempotent(tmp
     run, _ = _register(tmp_path, experiment, lower, 0.5, direction="lower")
     assert _verdict(run) == ("promoted", "eval/win_rate_vs_sft 0.5 < 0.71 - 0.02 (champion v3)")
     assert client.get_registered_model(NAME).aliases == {"champion": 4}
+
+
+def test_champion_moves_only_for_a_gain_beyond_evaluation_noise(tmp_path):
+    experiment = init_tracking(_tracking(tmp_path))
+    client = MlflowClient()
+    a, b, c = (_policy(tmp_path, experiment, n) for n in "abc")
+    _register(tmp_path, experiment, a, 0.65, stderr=0.027)
+    assert client.get_model_version(NAME, "1").tags["alignflow.metric_stderr_value"] == "0.027"
+
+    run, _ = _register(tmp_path, experiment, b, 0.70, stderr=0.027)  # +0.05: past the margin, within the noise
+    assert _verdict(run) == ("kept", "eval/win_rate_vs_sft 0.7 <= 0.65 + 0.07637 (2 standard errors; margin 0.02) "
+                                     "(champion v1)")
+    run, _ = _register(tmp_path, experiment, c, 0.75, stderr=0.027)
+    assert _verdict(run) == ("promoted", "eval/win_rate_vs_sft 0.75 > 0.65 + 0.07637 (2 standard errors; "
+                                         "margin 0.02) (champion v1)")
+    assert client.get_registered_model(NAME).aliases == {"champion": 3}
 
 
 def test_a_policy_without_a_logged_model_is_logged_then_registered(tmp_path):
@@ -216,6 +254,7 @@ def test_the_flow_logs_models_registers_the_policy_and_caches_registration(tiny_
 
 @pytest.mark.parametrize(("override", "field"), [
     ("registry.direction=up", "registry.direction"), ("registry.margin=-0.1", "registry.margin"),
+    ("registry.noise_z=-1", "registry.noise_z"),
     ("registry.alias=latest", "registry.alias"), ("registry.metric=ppo/kl", "registry.metric"),
     ("registry.model_name=''", "registry.model_name"),
 ])  # fmt: skip
