@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Comparison:
     figures: dict[str, Figure] = field(default_factory=dict)
     overoptimization: Overoptimization | None = None
     out_dir: Path | None = None
+    seeds: pd.DataFrame = field(default_factory=pd.DataFrame)  # variants × seeds: mean, standard error (see seed_table)
 
     def report(self) -> str:
         """The printed view: table, config diff, verdict and where the files are."""
@@ -60,7 +62,11 @@ class Comparison:
         lines = [f"== compare: {len(self.table)} run(s); metric {self.metric} ({_better(self.mode)}) ==",
                  shown.to_string(float_format=lambda v: f"{v:.4g}"), "",
                  f"config diff against the baseline `{self.baseline}`:",
-                 self.diff.to_string() if not self.diff.empty else "  (no differences)", "", self.verdict]
+                 self.diff.to_string() if not self.diff.empty else "  (no differences)", ""]
+        if not self.seeds.empty:
+            lines += [f"over seeds ({self.metric}: mean and standard error over each variant's seeds):",
+                      self.seeds.drop(columns="runs").to_string(float_format=lambda v: f"{v:.4g}"), ""]
+        lines.append(self.verdict)
         if self.out_dir is not None:
             lines.append(f"saved: {self.out_dir} (compare.csv, config_diff.csv, compare.html, "
                          f"{', '.join(f'{n}.png' for n in self.figures)})")
@@ -224,6 +230,55 @@ def verdict(table: pd.DataFrame, metric: str, mode: str, baseline: str) -> tuple
     return "; ".join(parts) + "." + close + tail, best
 
 
+SEED_KEYS = ("seed", "data_seed")  # config keys that only pick random streams: runs differing there are replicates
+
+
+def replicate_key(config: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The run's config without its seed keys (`seed`, `rl.seed`, `sft.args.data_seed`, …): equal for replicates."""
+    return tuple(sorted((k, str(v)) for k, v in config.items() if k.rsplit(".", 1)[-1] not in SEED_KEYS))
+
+
+def seed_table(records: list[dict[str, Any]], labels: list[str], table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Variants × their seeds, where some variant ran with several: runs whose configs differ only in seed keys form
+    one variant, with its number of seeds, the metric's mean, its standard error over the seeds (sample std / √n:
+    training and evaluation luck together) and the mean KL. Empty when every variant ran once."""
+    groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(replicate_key(record["config"]), []).append(i)
+    if metric not in table or all(len(members) < 2 for members in groups.values()):
+        return pd.DataFrame()
+    rows = []
+    for members in groups.values():
+        values = table[metric].iloc[members].dropna()
+        rows.append({"variant": re.sub(r"\s*\bseed=\S+", "", labels[members[0]]).strip() or labels[members[0]],
+                     "seeds": len(values), "mean": values.mean(),
+                     "stderr": values.std(ddof=1) / len(values) ** 0.5 if len(values) > 1 else float("nan"),
+                     KL: table[KL].iloc[members].mean() if KL in table else float("nan"),
+                     "runs": ", ".join(labels[m] for m in members)})
+    frame = pd.DataFrame(rows)
+    if frame["variant"].duplicated().any():  # names that differed only in other keys: keep the runs' names
+        frame["variant"] = frame["runs"]
+    return frame.set_index("variant")
+
+
+def seed_verdict(seeds: pd.DataFrame, mode: str) -> str:
+    """One sentence ranking the variants by their mean over seeds, and whether the top two are apart ('' for none)."""
+    ranked = seeds.dropna(subset=["mean"]).sort_values("mean", ascending=mode == "min", kind="stable")
+    if len(ranked) < 2:
+        return ""
+    best, second = ranked.iloc[0], ranked.iloc[1]
+    first, runner = str(ranked.index[0]), str(ranked.index[1])
+    text = (f"Over seeds: `{first}` leads with {best['mean']:.4g} ± {best['stderr']:.2g} ({int(best['seeds'])} "
+            f"seed(s)), {best['mean'] - second['mean']:+.3g} over `{runner}` ({second['mean']:.4g} ± "
+            f"{second['stderr']:.2g}, {int(second['seeds'])} seed(s))")
+    spread = (best["stderr"] ** 2 + second["stderr"] ** 2) ** 0.5
+    if not spread > 0:
+        return text + "; a variant with one seed has no spread to judge by."
+    z = abs(best["mean"] - second["mean"]) / spread
+    return text + (f"; {z:.2g} standard errors over seeds" +
+                   (": within the seeds' noise, run more seeds to tell them apart." if z < NOISE_Z else "."))
+
+
 NOISE_Z = 2.0  # differences under this many standard errors are read as evaluation noise (about 95%, two-sided)
 
 
@@ -314,10 +369,12 @@ def compare(client: MlflowClient, runs: list[Run], metric: str = DEFAULT_METRIC,
     table = metrics_table(records, labels, metric)
     base = baseline_index(records, labels, baseline)
     text, best = verdict(table, metric, mode, labels[base])
+    seeds = seed_table(records, labels, table, metric)
     figures, overopt = make_figures(client, table, records, labels, metric)
-    note = overoptimization_note(overopt)
-    cmp = Comparison(table, config_diff(records, labels, base), metric, mode, labels[base], best,
-                     f"{text}\n{note}" if note else text, figures, overopt)
+    text = "\n".join(t for t in (text, seed_verdict(seeds, mode) if not seeds.empty else "",
+                                  overoptimization_note(overopt)) if t)
+    cmp = Comparison(table, config_diff(records, labels, base), metric, mode, labels[base], best, text, figures,
+                     overopt, seeds=seeds)
     if out_dir is not None:
         write_outputs(cmp, Path(out_dir))
     if log_to is not None:
@@ -330,6 +387,8 @@ def write_outputs(cmp: Comparison, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     cmp.table.to_csv(out_dir / "compare.csv")
     cmp.diff.to_csv(out_dir / "config_diff.csv")
+    if not cmp.seeds.empty:
+        cmp.seeds.to_csv(out_dir / "seeds.csv")
     (out_dir / "verdict.txt").write_text(cmp.verdict + "\n")
     for name, figure in cmp.figures.items():
         figure.savefig(out_dir / f"{name}.png", dpi=110)
@@ -342,7 +401,10 @@ def write_outputs(cmp: Comparison, out_dir: Path) -> None:
             f"<h2>runs × headline metrics ({html.escape(cmp.metric)}, {_better(cmp.mode)})</h2>"
             f"{cmp.table.to_html(float_format=lambda v: f'{v:.4g}', na_rep='')}"
             f"<h2>config diff against the baseline <code>{html.escape(cmp.baseline)}</code></h2>"
-            f"{cmp.diff.to_html() if not cmp.diff.empty else '<p>no differences</p>'}{images}</body></html>")
+            f"{cmp.diff.to_html() if not cmp.diff.empty else '<p>no differences</p>'}"
+            + ("" if cmp.seeds.empty else "<h2>over seeds (mean, standard error over each variant's seeds)</h2>"
+               + cmp.seeds.to_html(float_format=lambda v: f"{v:.4g}", na_rep=""))
+            + f"{images}</body></html>")
     (out_dir / "compare.html").write_text(page)
     cmp.out_dir = out_dir
 
@@ -354,8 +416,9 @@ def log_on_run(client: MlflowClient, run_id: str, cmp: Comparison) -> None:
         out = cmp.out_dir or Path(tmp)
         if cmp.out_dir is None:
             write_outputs(cmp, out)
-        for name in ("compare.csv", "config_diff.csv", "compare.html", "verdict.txt"):
-            client.log_artifact(run_id, str(out / name), "compare")
+        for name in ("compare.csv", "config_diff.csv", "compare.html", "verdict.txt", "seeds.csv"):
+            if (out / name).is_file():
+                client.log_artifact(run_id, str(out / name), "compare")
         for name, figure in cmp.figures.items():
             client.log_figure(run_id, figure, f"compare/{name}.png")
     client.set_tag(run_id, "alignflow.verdict", cmp.verdict[:5000])

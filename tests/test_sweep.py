@@ -90,6 +90,7 @@ def test_compare_table_diff_verdict_plots_logged_on_the_sweep_run(fake_sweep):
     assert "`rlhf kl_coef=0.05` wins on eval/win_rate_vs_sft" in cmp.verdict
     assert "over the runner-up `rlhf kl_coef=0.1`" in cmp.verdict and "baseline `rlhf kl_coef=0.4`" in cmp.verdict
     assert "at eval/kl_to_sft=9" in cmp.verdict
+    assert cmp.seeds.empty and "Over seeds" not in cmp.verdict  # one seed per variant: nothing to pool
     # win rates 0.5 + 0.1 * gain, each ± 0.01: 0.0045 over the runner-up is noise, 0.068 over the baseline is not
     assert "(0.6307; 0.32 standard errors, within evaluation noise)" in cmp.verdict
     assert "(0.5673; 4.8 standard errors)" in cmp.verdict
@@ -112,6 +113,40 @@ def test_compare_table_diff_verdict_plots_logged_on_the_sweep_run(fake_sweep):
     assert "eval/win_rate_vs_sft" not in run.data.metrics  # prefixed: the winner is not charted twice
     assert run.data.metrics["overopt/beta"] == pytest.approx(0.5, abs=1e-6)
     assert "rlhf kl_coef=0.05" in cmp.report() and "config diff against the baseline" in cmp.report()
+
+
+def test_compare_groups_seeds_into_variants_with_their_spread(tmp_path):
+    exp = init_tracking(_tracking(tmp_path))
+    client = MlflowClient()
+    sweep = client.create_run(exp, run_name="sweep", tags={"alignflow.sweep": "multirun/y"}).info.run_id
+    wins = {0.1: (0.80, 0.82, 0.84), 0.2: (0.78, 0.79, 0.80)}  # means 0.82 and 0.79, std 0.02 and 0.01
+    for coef, values in wins.items():
+        for seed, value in enumerate(values):
+            run = client.create_run(exp, run_name=f"rlhf kl_coef={coef} seed={seed}",
+                                    tags={"mlflow.parentRunId": sweep, "alignflow.pipeline": "rlhf"}).info.run_id
+            config = {"pipeline": {"name": "rlhf", "optimizer": "rl"}, "seed": seed,
+                      "rl": {"algorithm": "ppo", "kl_coef": coef, "seed": seed}, "sft": {"args": {"data_seed": seed}}}
+            (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+            client.log_artifact(run, str(tmp_path / "config.yaml"))
+            client.log_metric(run, "eval/win_rate_vs_sft", value)
+            client.log_metric(run, "eval/kl_to_sft", 4.0 + seed)
+            time.sleep(0.01)
+    cmp = compare(client, sweep_jobs(client, client.get_run(sweep)), out_dir=tmp_path / "out")
+
+    seeds = cmp.seeds
+    assert list(seeds.index) == ["rlhf kl_coef=0.1", "rlhf kl_coef=0.2"] and seeds["seeds"].tolist() == [3, 3]
+    assert seeds["mean"].tolist() == pytest.approx([0.82, 0.79])
+    assert seeds["stderr"].tolist() == pytest.approx([0.02 / 3**0.5, 0.01 / 3**0.5])
+    assert seeds["eval/kl_to_sft"].tolist() == pytest.approx([5.0, 5.0])
+    # 0.03 / sqrt(0.01155² + 0.00577²) = 2.3 standard errors: apart
+    assert ("Over seeds: `rlhf kl_coef=0.1` leads with 0.82 ± 0.012 (3 seed(s)), +0.03 over `rlhf kl_coef=0.2` "
+            "(0.79 ± 0.0058, 3 seed(s)); 2.3 standard errors over seeds.") in cmp.verdict
+    assert (tmp_path / "out" / "seeds.csv").is_file() and "over seeds" in cmp.report()
+
+    client.log_metric(client.search_runs([exp], filter_string="attributes.run_name = 'rlhf kl_coef=0.2 seed=2'")[0]
+                      .info.run_id, "eval/win_rate_vs_sft", 0.86)  # the last value counts: 0.2 now 0.81 ± 0.025
+    cmp = compare(client, sweep_jobs(client, client.get_run(sweep)))
+    assert "within the seeds' noise, run more seeds to tell them apart" in cmp.verdict
 
 
 def test_compare_cli_latest_sweep_run_ids_and_errors(fake_sweep, monkeypatch, capsys):
