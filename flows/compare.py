@@ -268,15 +268,19 @@ def seed_verdict(seeds: pd.DataFrame, mode: str) -> str:
         return ""
     best, second = ranked.iloc[0], ranked.iloc[1]
     first, runner = str(ranked.index[0]), str(ranked.index[1])
-    text = (f"Over seeds: `{first}` leads with {best['mean']:.4g} ± {best['stderr']:.2g} ({int(best['seeds'])} "
-            f"seed(s)), {best['mean'] - second['mean']:+.3g} over `{runner}` ({second['mean']:.4g} ± "
-            f"{second['stderr']:.2g}, {int(second['seeds'])} seed(s))")
+    text = (f"Over seeds: `{first}` leads with {_pooled(best)}, {best['mean'] - second['mean']:+.3g} over "
+            f"`{runner}` ({_pooled(second)})")
     spread = (best["stderr"] ** 2 + second["stderr"] ** 2) ** 0.5
     if not spread > 0:
         return text + "; a variant with one seed has no spread to judge by."
     z = abs(best["mean"] - second["mean"]) / spread
     return text + (f"; {z:.2g} standard errors over seeds" +
                    (": within the seeds' noise, run more seeds to tell them apart." if z < NOISE_Z else "."))
+
+
+def _pooled(row: pd.Series) -> str:
+    spread = f" ± {row['stderr']:.2g}" if pd.notna(row["stderr"]) else ""
+    return f"{row['mean']:.4g}{spread} over {int(row['seeds'])} seed{'s' if row['seeds'] != 1 else ''}"
 
 
 NOISE_Z = 2.0  # differences under this many standard errors are read as evaluation noise (about 95%, two-sided)

@@ -14,12 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from components.analysis import gao_rl
-from flows.compare import compare, main, sweep_jobs
+from flows.compare import compare, main, seed_table, seed_verdict, sweep_jobs
 from flows.naming import run_name, run_params, short_keys
 from flows.stages import detail_metrics, headline_metrics
 from flows.sweep import SWEEP_ENV, SweepCallback, swept
@@ -139,14 +140,20 @@ def test_compare_groups_seeds_into_variants_with_their_spread(tmp_path):
     assert seeds["stderr"].tolist() == pytest.approx([0.02 / 3**0.5, 0.01 / 3**0.5])
     assert seeds["eval/kl_to_sft"].tolist() == pytest.approx([5.0, 5.0])
     # 0.03 / sqrt(0.01155² + 0.00577²) = 2.3 standard errors: apart
-    assert ("Over seeds: `rlhf kl_coef=0.1` leads with 0.82 ± 0.012 (3 seed(s)), +0.03 over `rlhf kl_coef=0.2` "
-            "(0.79 ± 0.0058, 3 seed(s)); 2.3 standard errors over seeds.") in cmp.verdict
+    assert ("Over seeds: `rlhf kl_coef=0.1` leads with 0.82 ± 0.012 over 3 seeds, +0.03 over `rlhf kl_coef=0.2` "
+            "(0.79 ± 0.0058 over 3 seeds); 2.3 standard errors over seeds.") in cmp.verdict
     assert (tmp_path / "out" / "seeds.csv").is_file() and "over seeds" in cmp.report()
 
     client.log_metric(client.search_runs([exp], filter_string="attributes.run_name = 'rlhf kl_coef=0.2 seed=2'")[0]
                       .info.run_id, "eval/win_rate_vs_sft", 0.86)  # the last value counts: 0.2 now 0.81 ± 0.025
     cmp = compare(client, sweep_jobs(client, client.get_run(sweep)))
     assert "within the seeds' noise, run more seeds to tell them apart" in cmp.verdict
+    labels = ["a seed=0", "a seed=1", "b"]
+    configs = [{"config": {"seed": 0, "x": 1}}, {"config": {"seed": 1, "x": 1}}, {"config": {"x": 2}}]
+    lone = seed_table(configs, labels, pd.DataFrame({"m": [0.5, 0.7, 0.9]}, index=labels), "m")
+    assert lone["seeds"].tolist() == [2, 1] and seed_verdict(lone, "max") == (
+        "Over seeds: `b` leads with 0.9 over 1 seed, +0.3 over `a` (0.6 ± 0.1 over 2 seeds); a variant with one "
+        "seed has no spread to judge by.")
 
 
 def test_compare_cli_latest_sweep_run_ids_and_errors(fake_sweep, monkeypatch, capsys):
