@@ -118,6 +118,9 @@ def stop_tree(proc: subprocess.Popen) -> None:
             child.kill()
 
 
+SWEEP_TIMEOUT = 1200  # a hang guard, not a speed check: on a 2-core AVX2 EPYC the dispatched sweep took over 420 s
+
+
 def run_sweep(cluster: dict[str, str], root: Path, *args: str, threads: int) -> tuple[float, str, int]:
     """`alignflow -m tracking=server …` (JOB and the KL sweep) against the cluster on `root`: (wall seconds, its
     output, its exit status); the output is kept in `root/sweep.log`."""
@@ -125,7 +128,7 @@ def run_sweep(cluster: dict[str, str], root: Path, *args: str, threads: int) -> 
                   PREFECT_SERVER_ANALYTICS_ENABLED="false")
     start = time.monotonic()
     done = subprocess.run([str(BIN / "alignflow"), "-m", "tracking=server", *args, *JOB, KL], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=SWEEP_TIMEOUT)
     seconds = time.monotonic() - start
     output = done.stdout + done.stderr
     (root / "sweep.log").write_text(output)
