@@ -55,7 +55,7 @@ label-studio-deps: $(LS_VENV)/.installed
 $(LS_VENV)/.installed:
 	test -x $(LS_VENV)/bin/python || $(PY) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install -q --upgrade pip
-	$(LS_VENV)/bin/pip install -q label-studio==1.23.2
+	$(LS_VENV)/bin/pip install -q label-studio==1.23.2 "sentry-sdk<3"  # sentry-sdk 3.0 breaks `label-studio init`
 	touch $@
 
 # Label Studio on 127.0.0.1:$(LS_PORT), its data under $(LS_DATA); the first start creates the admin
