@@ -3,6 +3,8 @@ gate read them without loading torch."""
 
 from __future__ import annotations
 
+import math
+
 STDERR = "_stderr"  # suffix of a metric's standard error over the held-out prompts (`eval/win_rate_vs_sft_stderr`)
 
 
@@ -26,3 +28,8 @@ def win_rate_stderr(ours: list[float], theirs: list[float]) -> float:
     wins = outcomes(ours, theirs)
     rate = sum(wins) / len(wins)
     return (sum((w - rate) ** 2 for w in wins) / (len(wins) - 1) / len(wins)) ** 0.5
+
+
+def difference_stderr(a: float, b: float) -> float:
+    """Standard error of the difference of two independent estimates with standard errors `a` and `b`."""
+    return math.hypot(a, b)

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from components.stats import STDERR
+from components.stats import STDERR, difference_stderr
 from flows.plots import KL, Overoptimization, curves_figure, frontier_figure, overoptimization_figure
 
 DEFAULT_METRIC = "eval/win_rate_vs_sft"
@@ -270,7 +270,7 @@ def seed_verdict(seeds: pd.DataFrame, mode: str) -> str:
     first, runner = str(ranked.index[0]), str(ranked.index[1])
     text = (f"Over seeds: `{first}` leads with {_pooled(best)}, {best['mean'] - second['mean']:+.3g} over "
             f"`{runner}` ({_pooled(second)})")
-    spread = (best["stderr"] ** 2 + second["stderr"] ** 2) ** 0.5
+    spread = difference_stderr(best["stderr"], second["stderr"])
     if not spread > 0:
         return text + "; a variant with one seed has no spread to judge by."
     z = abs(best["mean"] - second["mean"]) / spread
@@ -293,7 +293,7 @@ def separation(table: pd.DataFrame, metric: str, a: str, b: str) -> float | None
     column = metric + STDERR
     if column not in table or table.loc[[a, b], column].isna().any():
         return None
-    spread = float((table.at[a, column] ** 2 + table.at[b, column] ** 2) ** 0.5)
+    spread = difference_stderr(float(table.at[a, column]), float(table.at[b, column]))
     gap = abs(float(table.at[a, metric]) - float(table.at[b, metric]))
     return gap / spread if spread > 0 else (0.0 if gap == 0 else float("inf"))
 

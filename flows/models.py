@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.promotion import GateDecision, champion_gate
-from components.stats import STDERR
+from components.stats import STDERR, difference_stderr
 
 log = logging.getLogger("alignflow")
 LOADERS = {"reward": "AutoModelForSequenceClassification"}  # every other checkpoint is a causal LM (a policy)
@@ -111,7 +111,7 @@ def gate(registry: dict[str, Any], version: ModelVersion, value: float | None,
     same = current is not None and current.version == version.version
     theirs = version_value(current, registry["metric"]) if current is not None and not same else None
     their_stderr = version_value(current, registry["metric"] + STDERR) if current is not None and not same else None
-    spread = None if stderr is None or their_stderr is None else (stderr**2 + their_stderr**2) ** 0.5
+    spread = None if stderr is None or their_stderr is None else difference_stderr(stderr, their_stderr)
     decision = champion_gate(value, theirs, registry["margin"], registry["direction"], already_champion=same,
                              spread=spread, noise_z=registry.get("noise_z", 0.0))
     reason = f"{registry['metric']} {decision.reason}"
