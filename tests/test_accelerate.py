@@ -15,6 +15,7 @@ stages' curves into MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -33,6 +34,7 @@ import torch
 from datasets import Dataset
 
 from components.modeling import build_base_checkpoint, load_causal_lm, load_reward_model
+from components.settings import PPOSettings
 from flows.bodies import ppo_arguments
 from flows.config import ConfigError, compose_config, validate_config
 from flows.launch import (
@@ -341,9 +343,11 @@ def test_two_cpu_processes_give_the_loss_curve_of_one(stage, entry, first, data,
     assert "num_processes: 2" in (tmp_path / "cpu_ddp" / "launch" / "accelerate.yaml").read_text()
 
 
-def ppo_curves(entry: str, option: str, checkpoint: str, tmp_path: Path, seed: int = 0, **rl) -> list[dict[str, float]]:
+def ppo_curves(entry: str, option: str, checkpoint: str, tmp_path: Path, seed: int = 0,
+               seeds: list[int] | None = None, **rl) -> list[dict[str, float]]:
     """PPO (`entry`: train_ppo or a stand-in) on the toy reward in one process (`none`) or launched (`cpu_ddp`),
-    with the global batch of `rl`, from `seed`: its metrics by update (timings left out)."""
+    with the global batch of `rl`, from `seed`: its metrics by update (timings left out). With `seeds` (entry
+    `train_ppo_over_seeds`), one run per seed in one call, their curves one after another."""
     node = compose_config([])["rl"] | {
         "batch_size": 32, "mini_batch_size": 32, "ppo_epochs": 2, "learning_rate": 3e-3, "max_new_tokens": 12,
         "kl_coef": 0.01, "adaptive_kl": True, "target_kl": 1.0, "kl_horizon": 1000, "rollout_batch_size": 32,
@@ -353,11 +357,24 @@ def ppo_curves(entry: str, option: str, checkpoint: str, tmp_path: Path, seed: i
     call(entry, {"policy_path": checkpoint, "prompts": synthetic_corpus(64, 1),
                  "reward_fn": {"$call": "tests.test_ppo:toy_reward"},
                  "settings": {"$call": "components.ppo:PPOSettings.from_config", "args": [node]},
-                 "output_dir": tmp_path / option / "model"},
+                 "output_dir": tmp_path / option / "model", **({"seeds": seeds} if seeds else {})},
          lambda update, m: logged.append({k: v for k, v in m.items() if not k.endswith("_seconds")}),
          accelerate_node(option), tmp_path / option / "launch", seed=seed)  # fmt: skip
-    assert len(logged) == node["total_updates"]
+    assert len(logged) == node["total_updates"] * len(seeds or [seed])
     return logged
+
+
+def train_ppo_over_seeds(seeds: list[int], settings: PPOSettings, output_dir: str, on_log=None, **kwargs) -> dict:
+    """`train_ppo` once per seed (each run's model under `output_dir`/<seed>), in one process or one launch: the
+    same runs as one call per seed (train_ppo seeds everything from `settings.seed`) without paying a launch each.
+    A launched entry point for tests."""
+    from components.ppo import train_ppo
+
+    result: dict = {}
+    for seed in seeds:
+        result = train_ppo(settings=dataclasses.replace(settings, seed=seed), output_dir=Path(output_dir) / str(seed),
+                           on_log=on_log, **kwargs)
+    return result
 
 
 @pytest.mark.accelerate
@@ -412,10 +429,10 @@ def test_ppo_in_two_cpu_processes_learns_like_one(still_checkpoint, tmp_path, bf
     updates)."""
     def ends(option: str) -> tuple[float, float]:
         """Median over seeds of the mean reward over the first 3 and the last 3 updates."""
-        curves = [[m["ppo/mean_reward"] for m in ppo_curves("components.ppo:train_ppo", option, still_checkpoint,
-                                                              tmp_path / str(seed), seed=seed, total_updates=24,
-                                                              mini_batch_size=16, bf16=bf16)]
-                  for seed in range(5)]  # fmt: skip
+        rewards = [m["ppo/mean_reward"] for m in ppo_curves("tests.test_accelerate:train_ppo_over_seeds", option,
+                                                            still_checkpoint, tmp_path, seeds=list(range(5)),
+                                                            total_updates=24, mini_batch_size=16, bf16=bf16)]
+        curves = [rewards[i:i + 24] for i in range(0, len(rewards), 24)]
         print(f"{option}: last 3 updates by seed: " + ", ".join(f"{sum(c[-3:]) / 3:.2f}" for c in curves))
         return statistics.median(sum(c[:3]) / 3 for c in curves), statistics.median(sum(c[-3:]) / 3 for c in curves)
 
@@ -424,7 +441,7 @@ def test_ppo_in_two_cpu_processes_learns_like_one(still_checkpoint, tmp_path, bf
           f"{last_one:.2f}, two processes {first_two:.2f} / {last_two:.2f}")
     assert last_one > first_one + 8 and last_two > first_two + 8
     assert abs(last_one - last_two) < 1.5
-    assert type(load_causal_lm(str(tmp_path / "0" / "cpu_ddp" / "model"))).__name__ == "GPT2LMHeadModel"
+    assert type(load_causal_lm(str(tmp_path / "cpu_ddp" / "model" / "4"))).__name__ == "GPT2LMHeadModel"
 
 
 @pytest.mark.accelerate

@@ -150,7 +150,13 @@ def test_a_stage_rebuilt_alone_in_a_fresh_process_is_identical(first_run):
 
 
 def test_an_upstream_stage_rebuilt_differently_reruns_what_depends_on_it(first_run, monkeypatch):
+    """A reward model rebuilt into other weights gives PPO a new key, so PPO and everything after it run again.
+    Two PPO updates are enough (the keys are checked, not the learning): one run on the original reward model,
+    one on the rebuilt; were PPO's key blind to its upstream's content, the second would reuse the first's."""
     root, first, _ = first_run
+    short = [*SMOKE, "rl.total_updates=2"]
+    before = alignflow(overrides=short)
+    assert {s["stage"]: s["cached"] for s in before["stages"]}["reward"] is True
     reward_dir = stage_dir_of(first, "reward")
     shutil.rmtree(reward_dir)
     from transformers import set_seed
@@ -159,12 +165,12 @@ def test_an_upstream_stage_rebuilt_differently_reruns_what_depends_on_it(first_r
 
     monkeypatch.setattr(components.reward, "set_seed", lambda seed: set_seed(seed + 1))  # another scalar head
     try:
-        rerun = alignflow(overrides=SMOKE)
+        rerun = alignflow(overrides=short)
         cached = {s["stage"]: s["cached"] for s in rerun["stages"]}
         assert cached == {"data": True, "sft": True, "reward": False, "ppo": False, "eval": False,
                           "register": False}
         assert manifest_of(rerun, "reward")["digest"] != manifest_of(first, "reward")["digest"]
-        assert stage_dir_of(rerun, "ppo") != stage_dir_of(first, "ppo")  # a new key: trained on the new model
+        assert stage_dir_of(rerun, "ppo") != stage_dir_of(before, "ppo")  # a new key: trained on the new model
     finally:
         shutil.rmtree(reward_dir)  # later tests rebuild the original reward model (and reuse its PPO)
 
