@@ -26,7 +26,8 @@ def main() -> None:
     with stack.postgres() as uri, stack.sweep_cluster(uri, work) as cluster:
         for name, args in (("dispatched", stack.DISPATCHED), ("sequential", stack.SEQUENTIAL)):
             (work / name).mkdir()
-            seconds, output, status = stack.run_sweep(cluster, work / name, *args, threads=1)
+            seconds, output, status = stack.run_sweep(cluster, work / name, *args, threads=1,
+                                                     updates=stack.BENCH_UPDATES)
             if status:
                 raise SystemExit(f"{name} sweep failed (exit {status}); its output: {work / name / 'sweep.log'}")
             walls[name] = seconds
