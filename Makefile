@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/alignflow $(ARGS)
 
+# Two pytest workers (pytest-xdist), one torch thread each; tests/conftest.py sends each module to one worker whole,
+# the modules sharing the smoke store first. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-crash: setup
 	$(BIN)/pytest -q -m crash $(PYTEST_ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,32 @@ import torch
 os.environ.setdefault("ALIGNFLOW_PREFECT_SERVER", "none")  # the harness, never a developer's server on :4200
 import flows  # noqa: E402, F401  (sets Prefect's environment defaults before prefect is imported)
 
-torch.set_num_threads(2)
+#: Test modules that share one session fixture (conftest.smoke_run): under `pytest -n`, one worker runs them all.
+SHARED_STORE = {"test_pipeline.py", "test_variants.py"}
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))  # 2 cores, 2 workers: 1 thread each
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: `make test` runs `pytest -n 2 --dist loadscope`
+def pytest_xdist_make_scheduler(config, log):
+    """Each test module is one unit of work, sent to one worker whole, so its module fixtures are built once; the
+    modules sharing the smoke store are one unit, run in their usual order."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "the smoke store" if Path(module).name in SHARED_STORE else module
+
+    return ByModule(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N`: the smoke store's unit, the longest, is sent out first (with --no-loadscope-reorder)."""
+    if WORKERS > 1:
+        items.sort(key=lambda item: item.path.name not in SHARED_STORE)  # stable: the order within stays
 
 
 @pytest.fixture
@@ -72,3 +98,4 @@ def smoke_run(prefect_harness, tmp_path_factory):
 
     with pipeline_store(tmp_path_factory.mktemp("smoke"), SMOKE) as (root, summary):
         yield root, summary
+
