@@ -98,4 +98,3 @@ def smoke_run(prefect_harness, tmp_path_factory):
 
     with pipeline_store(tmp_path_factory.mktemp("smoke"), SMOKE) as (root, summary):
         yield root, summary
-
