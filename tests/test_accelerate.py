@@ -429,10 +429,11 @@ def test_ppo_in_two_cpu_processes_learns_like_one(still_checkpoint, tmp_path, bf
     updates)."""
     def ends(option: str) -> tuple[float, float]:
         """Median over seeds of the mean reward over the first 3 and the last 3 updates."""
+        updates = 24
         rewards = [m["ppo/mean_reward"] for m in ppo_curves("tests.test_accelerate:train_ppo_over_seeds", option,
                                                             still_checkpoint, tmp_path, seeds=list(range(5)),
-                                                            total_updates=24, mini_batch_size=16, bf16=bf16)]
-        curves = [rewards[i:i + 24] for i in range(0, len(rewards), 24)]
+                                                            total_updates=updates, mini_batch_size=16, bf16=bf16)]
+        curves = [rewards[i:i + updates] for i in range(0, len(rewards), updates)]  # one curve per seed
         print(f"{option}: last 3 updates by seed: " + ", ".join(f"{sum(c[-3:]) / 3:.2f}" for c in curves))
         return statistics.median(sum(c[:3]) / 3 for c in curves), statistics.median(sum(c[-3:]) / 3 for c in curves)
 
