@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.helpers import TINY, cli_env, free_port, stop_group, wait_healthy
@@ -100,9 +101,10 @@ def sweep_cluster(postgres_uri: str, tmp: Path) -> Iterator[dict[str, str]]:
                   "--name", f"worker-{i}")
         wait_healthy(f"{mlflow_url}/health", *mlflow, 180, "mlflow server")
         yield {"mlflow": mlflow_url, "prefect": prefect_url, "postgres": postgres_uri, "logs": str(tmp)}
-    finally:
-        for proc in reversed(procs):  # workers first, then the servers
-            stop_tree(proc)
+    finally:  # the workers together, then the servers together (each may take its whole grace to exit)
+        for group in (procs[2:], procs[:2]):
+            with ThreadPoolExecutor(max(1, len(group))) as pool:
+                list(pool.map(stop_tree, group))
 
 
 def stop_tree(proc: subprocess.Popen) -> None:
