@@ -5,7 +5,7 @@ fail naming the field; the call encoding, log replay and failure line; keys stay
 arguments travel as JSON and build one reward scorer per process; LoRA on the tiny model trains adapters only and
 saves a plain, loadable merged checkpoint.
 
-Marker `accelerate` (`make test-accelerate`, ~3.5 min on 2 cores): two CPU processes (gloo) give the loss curve of
+Marker `accelerate` (`make test-accelerate`, ~7 min on 2 cores): two CPU processes (gloo) give the loss curve of
 one process with the same global batch, for SFT, the reward model and PPO (on the same rollouts: see
 `test_ppo_in_two_cpu_processes_gives_the_curves_of_one_on_the_same_rollouts`), and PPO with its real sampler
 learns in two processes as in one; a failing rank is one clear line and leaves no process; ranks exit when the
