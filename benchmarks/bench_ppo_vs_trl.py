@@ -7,8 +7,9 @@ embedded default's GPT-2 (`conf/model/tiny.yaml`) as policy and reference, a seq
 it as reward (and, for TRL, value) model; the same prompts, rollout batch, mini-batch, response length, epochs,
 learning rate, KL coefficient and thread count. Runs alternate (ours, TRL, ours, …) in fresh processes, so load on
 the machine hits both alike; each reports steady-state episodes/s (updates after the warm-up ones).
-Prints each run, the CPU, the medians, our update split (generation / scoring forwards / optimisation / the rest)
-and, last, `ratio <ours/TRL>`.
+Prints each run, the CPU, the medians, our update split (generation / scoring forwards / optimisation / the rest),
+the FLOPs of our optimisation phase and their rate against this CPU's float32 matrix-product speed (the bound that
+phase puts on the ratio) and, last, `ratio <ours/TRL>`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ SETTINGS = {  # shared by both sides (TRL's names in trl_worker); one mini-batch
 
 def ours_worker(fixture: Path, updates: int, warmup: int) -> dict:
     """Our PPO through the pipeline's own reward path (RewardScorer); per-update times from its metrics."""
+    from unittest import mock
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import components.ppo as ppo
     from components.modeling import load_tokenizer
     from components.ppo import PPOSettings, train_ppo
     from components.scoring import RewardScorer
@@ -101,11 +107,41 @@ def ours_worker(fixture: Path, updates: int, warmup: int) -> dict:
         return scorer.score(p, c, SETTINGS["batch_size"])
 
     token_reward_fn = scorer.token_scorer(load_tokenizer(str(fixture / "policy")), SETTINGS["batch_size"])
-    with tempfile.TemporaryDirectory() as out:  # as flows/bodies.py's train_ppo calls it
+    flops: list[float] = []
+    optimise = ppo._optimise
+
+    def counted(*args, **kwargs) -> dict:  # the second (warm-up, untimed) update's optimisation, FLOPs counted
+        if len(times) != 1 or warmup < 2:
+            return optimise(*args, **kwargs)
+        with FlopCounterMode(display=False) as counter:
+            result = optimise(*args, **kwargs)
+        flops.append(counter.get_total_flops())
+        return result
+
+    with tempfile.TemporaryDirectory() as out, mock.patch.object(ppo, "_optimise", counted):
         train_ppo(str(fixture / "policy"), prompts, reward_fn, settings, out, on_log, token_reward_fn)
     steady = splits[warmup:]
     split = {key: statistics.fmean(s[key] for s in steady) for key in steady[0]}
-    return {"eps": SETTINGS["batch_size"] * (updates - warmup) / (times[-1] - times[warmup - 1]), "split": split}
+    return {"eps": SETTINGS["batch_size"] * (updates - warmup) / (times[-1] - times[warmup - 1]), "split": split,
+            "optimisation_flops": flops[0] if flops else None, "gemm_flops_per_s": gemm_speed()}
+
+
+def gemm_speed() -> float:
+    """FLOP/s of float32 `torch.addmm` here, on the embedded model's MLP shapes (1024 tokens, 128 <-> 512): what
+    the optimisation phase's matrix products (most of its time) can reach at best on this CPU and thread count."""
+    import torch
+
+    total, seconds = 0.0, 0.0
+    for k, n in ((128, 512), (512, 128)):
+        x, w, b = torch.randn(1024, k), torch.randn(k, n), torch.randn(n)
+        for _ in range(5):
+            torch.addmm(b, x, w)
+        start = time.perf_counter()
+        for _ in range(100):
+            torch.addmm(b, x, w)
+        seconds += time.perf_counter() - start
+        total += 100 * 2 * 1024 * k * n
+    return total / seconds
 
 
 # ----------------------------------------------------------------------------------- TRL 1.12 (its own venv)
@@ -219,6 +255,14 @@ def main() -> None:
     parts = {**split, "other_seconds": update - sum(split.values())}
     print("our update split: " + "  ".join(f"{k.removesuffix('_seconds')} {v / update:.0%}" for k, v in parts.items())
           + f"  (update {update * 1000:.0f} ms; model compute {1 - parts['other_seconds'] / update:.0%})")
+    flops = [r["optimisation_flops"] for r in results["ours"] if r["optimisation_flops"]]
+    if flops:  # the ceiling: TRL's whole update over our optimisation phase alone, model compute both
+        speed = statistics.median(r["gemm_flops_per_s"] for r in results["ours"])
+        optimising = split["optimisation_seconds"]
+        print(f"our optimisation phase: {statistics.median(flops) / 1e9:.1f} GFLOP per update at "
+              f"{statistics.median(flops) / optimising / 1e9:.1f} GFLOP/s; float32 addmm here: {speed / 1e9:.1f} "
+              f"GFLOP/s. TRL's update takes {SETTINGS['batch_size'] / trl / optimising:.2f}x our optimisation phase: "
+              f"the most this ratio can reach here while the optimisation does the same work")
     print(f"ratio {ours / trl:.2f}")
 
 
