@@ -92,24 +92,24 @@ def prefect_states(root: Path) -> dict[str, int]:
 
 def test_kill_9_in_every_stage_then_resume_matches_an_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
-    # The uninterrupted run goes on beside the killed ones (one torch thread each, two cores); a thread drains its
-    # output so that a full pipe never stalls it.
-    uninterrupted = ThreadPoolExecutor(1).submit(lambda: finish(start(reference)))
-
     root = tmp_path / "killed"
-    for stage in STAGES:
-        proc = start(root)
-        stage_dir = wait_for_stage(root, stage, proc)
-        servers = [c for c in children(proc.pid) if "uvicorn" in Path(f"/proc/{c}/cmdline").read_text()]
-        proc.send_signal(signal.SIGKILL)  # the main process only, as the OOM killer or `kill -9` would
-        proc.wait()
-        assert not (stage_dir / "DONE").exists(), f"{stage} finished before the kill"
-        assert servers, "the temporary Prefect server was not found"
-        deadline = time.monotonic() + 15
-        while any(alive(s) for s in servers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(alive(s) for s in servers), "the temporary Prefect server outlived its parent"
-    expected = final_metrics(uninterrupted.result(), reference)
+    # The uninterrupted run goes on beside the killed ones (one torch thread each, two cores); a thread drains its
+    # output so that a full pipe never stalls it, and the pool waits for it should the kills fail first.
+    with ThreadPoolExecutor(1) as pool:
+        uninterrupted = pool.submit(lambda: finish(start(reference)))
+        for stage in STAGES:
+            proc = start(root)
+            stage_dir = wait_for_stage(root, stage, proc)
+            servers = [c for c in children(proc.pid) if "uvicorn" in Path(f"/proc/{c}/cmdline").read_text()]
+            proc.send_signal(signal.SIGKILL)  # the main process only, as the OOM killer or `kill -9` would
+            proc.wait()
+            assert not (stage_dir / "DONE").exists(), f"{stage} finished before the kill"
+            assert servers, "the temporary Prefect server was not found"
+            deadline = time.monotonic() + 15
+            while any(alive(s) for s in servers) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not any(alive(s) for s in servers), "the temporary Prefect server outlived its parent"
+        expected = final_metrics(uninterrupted.result(), reference)
     out = finish(start(root))
     assert final_metrics(out, root) == expected  # resumed from the kills, identical to the uninterrupted run
     counts = statuses(root)
