@@ -77,32 +77,33 @@ def sweep_cluster(postgres_uri: str, tmp: Path) -> Iterator[dict[str, str]]:
     env = cli_env(PREFECT_HOME=str(tmp / "prefect"), PREFECT_API_URL=prefect_url, PREFECT_UI_API_URL=prefect_url,
                   PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_TRACKING_URI=mlflow_url,
                   PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
-    procs: list[subprocess.Popen] = []
+    servers: list[subprocess.Popen] = []
+    workers: list[subprocess.Popen] = []
 
-    def start(name: str, *cmd: str) -> tuple[subprocess.Popen, Path]:
+    def start(group: list[subprocess.Popen], name: str, *cmd: str) -> tuple[subprocess.Popen, Path]:
         log = tmp / f"{name}.log"
         with log.open("w") as out:
-            procs.append(subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=env, stdout=out, stderr=subprocess.STDOUT,
+            group.append(subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=env, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True, cwd=tmp))
-        return procs[-1], log
+        return group[-1], log
 
     try:
         store = postgres_uri.replace("postgresql://", "postgresql+psycopg2://")  # SQLAlchemy 2.1's default: psycopg 3
-        mlflow = start("mlflow", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
+        mlflow = start(servers, "mlflow", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
                        str(tmp / "mlflow-artifacts"), "--host", "127.0.0.1", "--port", mlflow_url.rsplit(":", 1)[1],
                        "--workers", "1")
-        prefect = start("prefect", "prefect", "server", "start", "--host", "127.0.0.1",
+        prefect = start(servers, "prefect", "prefect", "server", "start", "--host", "127.0.0.1",
                         "--port", prefect_url.rsplit(":", 1)[1].removesuffix("/api"))
         wait_healthy(f"{prefect_url}/health", *prefect, 180, "prefect server")
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", "alignflow", "--type", "process"], env=env,
                        check=True, capture_output=True, cwd=tmp)
         for i in (1, 2):
-            start(f"worker-{i}", "prefect", "worker", "start", "--pool", "alignflow", "--limit", "1",
+            start(workers, f"worker-{i}", "prefect", "worker", "start", "--pool", "alignflow", "--limit", "1",
                   "--name", f"worker-{i}")
         wait_healthy(f"{mlflow_url}/health", *mlflow, 180, "mlflow server")
         yield {"mlflow": mlflow_url, "prefect": prefect_url, "postgres": postgres_uri, "logs": str(tmp)}
     finally:  # the workers together, then the servers together (each may take its whole grace to exit)
-        for group in (procs[2:], procs[:2]):
+        for group in (workers, servers):
             with ThreadPoolExecutor(max(1, len(group))) as pool:
                 list(pool.map(stop_tree, group))
 
