@@ -12,25 +12,12 @@ status 0. An unraisable-exception hook sends such a swallowed stop signal again,
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from functools import partial
 from typing import Any
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: ask the kernel to SIGTERM it when its parent dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the atexit hook and SIGTERM handling still apply
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -65,7 +52,7 @@ def _resend_swallowed_stops(previous: Callable[[Any], object]) -> Callable[[Any]
 
 def tie_children_to_process() -> None:
     """SIGTERM → SystemExit, a stop signal is never swallowed, and Prefect's temporary server dies with this
-    process (call once, at start-up)."""
+    process (call once, at start-up; it adopts a server process `flows.temporary_server.spawn` started)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not getattr(sys.unraisablehook, "alignflow_resends_stops", False):
         sys.unraisablehook = _resend_swallowed_stops(sys.unraisablehook)
@@ -76,16 +63,6 @@ def tie_children_to_process() -> None:
 
     if SubprocessASGIServer._instances.get(None) is not None:
         return  # a server is already registered (a test harness, or a second call)
+    from flows.temporary_server import tied_server
 
-    class TiedServer(SubprocessASGIServer):
-        """Prefect's temporary server, started with the parent-death signal set."""
-
-        def _run_uvicorn_command(self) -> subprocess.Popen:
-            popen = subprocess.Popen
-            subprocess.Popen = partial(popen, preexec_fn=_die_with_parent)  # only for this one spawn
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                subprocess.Popen = popen
-
-    TiedServer()  # registers itself as the instance Prefect's clients use (the port-None singleton)
+    tied_server()

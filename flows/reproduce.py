@@ -277,16 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     for name in ("httpx", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from flows import temporary_server
     from flows.config import ConfigError
     from flows.lifecycle import tie_children_to_process
 
+    temporary_server.spawn()  # boots while the run's config is rebuilt and checked
     tie_children_to_process()  # SIGTERM ends runs FAILED; Prefect's temporary server dies with this process
     try:
         return reproduce(args.run_id, uri, root, args.tolerance, original)
     except (ReproduceError, ConfigError) as err:
         print(f"alignflow-reproduce: {err}", file=sys.stderr)
         return 2
-
+    finally:
+        temporary_server.cancel()  # one no flow adopted (a check failed)
 
 if __name__ == "__main__":
     sys.exit(main())
