@@ -291,5 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         temporary_server.cancel()  # one no flow adopted (a check failed)
 
+
 if __name__ == "__main__":
     sys.exit(main())

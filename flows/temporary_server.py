@@ -179,10 +179,11 @@ def tied_server() -> Any:
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             global _early
-            early, _early = _early, None
-            if early is not None and early.port == self.port and early.process.poll() is None:
+            if _early is not None and _early.port == self.port and _early.process.poll() is None:
+                early, _early = _early, None
                 self.new_store = early.new_store
                 return early.process
+            cancel()  # an early process on another port, or one that exited: not left behind
             process, self.new_store = start_process(self.port)
             return process
 

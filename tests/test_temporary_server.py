@@ -108,3 +108,23 @@ def test_prefect_adopts_the_early_server_and_a_new_store_starts_from_the_templat
     with sqlite3.connect(tmp_path / "second" / "prefect.db") as db:  # seeded: the template's migrated schema
         assert db.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
         assert db.execute("SELECT count(*) FROM flow_run").fetchone() == (0,)
+
+
+CANCEL = """
+import os
+os.environ["PREFECT_HOME"] = {home!r}
+os.environ["XDG_CACHE_HOME"] = {cache!r}
+from flows import temporary_server
+
+temporary_server.spawn()  # as the CLI does once the config's values pass
+process = temporary_server._early.process
+temporary_server.cancel()  # as the CLI does when a later check fails
+print(process.poll() is not None, temporary_server._early is None)
+"""
+
+
+def test_a_server_no_flow_adopted_is_stopped(tmp_path):
+    script = textwrap.dedent(CANCEL).format(home=str(tmp_path / "home"), cache=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True"]
