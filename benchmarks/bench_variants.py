@@ -42,7 +42,10 @@ def main(extra: list[str], seeds: list[int] | None = None, variants: list[str] |
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    from flows.lifecycle import tie_children_to_process
     from flows.pipeline import alignflow
+
+    tie_children_to_process()  # a screen stopped by SIGTERM (or killed) takes Prefect's temporary server with it
 
     runs: dict[int | None, list[tuple[str, dict[str, float], float]]] = {}
     for seed in seeds or [None]:
@@ -67,10 +70,9 @@ def print_table(rows: list[tuple[str, dict[str, float], float]], title: str) -> 
     for name, m, new in rows:
         agree = m.get("label/agreement_with_gold", float("nan"))
         acc = m.get("reward/eval_accuracy", float("nan"))
-        ceiling = m.get("reward/bayes_ceiling", float("nan"))
         print(f"{name:11} {m['eval/win_rate_vs_sft']:10.3f} {m['eval/gold_reward_mean']:7.3f} "
               f"{m['eval/gold_reward_mean_sft']:8.3f} {m['eval/kl_to_sft']:6.2f} {new:6.1f} {agree:10.3f} "
-              f"{acc:7.3f} {acc / ceiling:8.3f}")
+              f"{acc:7.3f} {_rm_share(m):8.3f}")
 
 
 def print_spread(runs: dict[int | None, list[tuple[str, dict[str, float], float]]]) -> None:
