@@ -22,6 +22,7 @@ import logging
 import os
 import statistics
 import tempfile
+from operator import itemgetter
 
 VARIANTS = {
     "rlhf/ppo": ["pipeline=rlhf", "rl=ppo"],
@@ -82,18 +83,10 @@ def print_spread(runs: dict[int | None, list[tuple[str, dict[str, float], float]
     print(f"{'variant':11} {'win vs SFT':>22} {'gold':>22} {'RM acc/ceiling':>22}")
     for name in dict.fromkeys(variant for rows in runs.values() for variant, _, _ in rows):
         cells = []
-        for metric in (_win, _gold, _rm_share):
+        for metric in (itemgetter("eval/win_rate_vs_sft"), itemgetter("eval/gold_reward_mean"), _rm_share):
             values = [metric(m) for rows in runs.values() for variant, m, _ in rows if variant == name]
             cells.append(f"{statistics.fmean(values):.3f} [{min(values):.3f}, {max(values):.3f}]")
         print(f"{name:11} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22}")
-
-
-def _win(m: dict[str, float]) -> float:
-    return m["eval/win_rate_vs_sft"]
-
-
-def _gold(m: dict[str, float]) -> float:
-    return m["eval/gold_reward_mean"]
 
 
 def _rm_share(m: dict[str, float]) -> float:
