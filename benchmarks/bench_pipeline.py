@@ -5,6 +5,7 @@ side by side, in a fresh store: a first run, then the identical rerun that the c
 size, then once more re-hashed: `cache.verify=hashes`), with each stage's peak resident memory. Then as a user
 sees it, whole `alignflow` processes in another fresh store: a first run, the identical rerun with Prefect's
 temporary server, and the same rerun against a running `prefect server` (what alignflow uses when it finds one).
+It also times a fresh interpreter importing Prefect and MLflow's SQL store: the floor under any such rerun.
 Prints ratios rather than asserting speeds; torch's thread count is fixed and reported.
 """
 
@@ -101,8 +102,20 @@ def whole_process(overrides: list[str]) -> None:
     finally:
         os.killpg(server.pid, 15)
         server.wait()
+    floor = min(import_seconds(env) for _ in range(2))
     print(f"\nwhole process: first run {first:.1f} s; identical rerun {rerun:.1f} s with a temporary Prefect server "
           f"(ratio {rerun / first:.3f}), {served:.1f} s with a running one (ratio {served / first:.3f})")
+    print(f"of which a fresh Python importing Prefect and MLflow's SQL store, which every tracked run needs: "
+          f"{floor:.1f} s (ratio {floor / first:.3f})")
+
+
+def import_seconds(env: dict[str, str]) -> float:
+    """Wall seconds of a fresh interpreter that only imports what a tracked run cannot do without: Prefect, MLflow
+    and its SQL tracking store (the local store's backend); the floor under any identical rerun."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import prefect, mlflow, mlflow.store.tracking.sqlalchemy_store"],
+                   env=env, check=True)
+    return time.monotonic() - start
 
 
 if __name__ == "__main__":
