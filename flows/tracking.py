@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ def init_tracking(tracking: dict[str, Any]) -> str:
     """
     if tracking["artifact_root"]:
         Path(tracking["artifact_root"]).mkdir(parents=True, exist_ok=True)
+    if tracking["tracking_uri"].startswith("sqlite:///"):
+        release_sqlite_on_stop()
     mlflow.set_tracking_uri(tracking["tracking_uri"])
     with _store_lock(tracking["tracking_uri"]):
         client = MlflowClient()
@@ -50,6 +52,34 @@ def init_tracking(tracking: dict[str, Any]) -> str:
         if not tracking["artifact_root"]:
             return _create_experiment(client, name, None)
         return _create_experiment(client, name, (Path(tracking["artifact_root"]) / name).as_uri())
+
+
+def release_sqlite_on_stop() -> None:
+    """Make a stop (SIGTERM, Ctrl-C, Prefect's TerminationSignal) that lands inside a sqlite statement leave the
+    store writable: SQLAlchemy's `handle_error` hook finishes the statement and rolls its transaction back.
+
+    SQLAlchemy drops a connection a stop exception interrupted without closing its cursor, and Python's sqlite3
+    keeps such a connection open, holding the database's lock, while the cursor lives. Every later write of the
+    process (the FAILED statuses on the way out) then waited 20 s for the lock and failed: runs stayed RUNNING
+    and the stopped process took minutes to exit (found in CI's SIGTERM test)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "handle_error", _finish_interrupted_statement):
+        event.listen(Engine, "handle_error", _finish_interrupted_statement)
+
+
+def _finish_interrupted_statement(context: Any) -> None:
+    """`handle_error` listener: for a stop exception (not an `Exception`), close the sqlite cursor and roll back."""
+    import sqlite3
+
+    cursor = getattr(context.execution_context, "cursor", None)
+    if isinstance(context.original_exception, Exception) or not isinstance(cursor, sqlite3.Cursor):
+        return  # an ordinary error: SQLAlchemy closes the cursor and rolls back itself
+    with suppress(sqlite3.Error):
+        connection = cursor.connection
+        cursor.close()
+        connection.rollback()
 
 
 def _create_experiment(client: MlflowClient, name: str, location: str | None) -> str:

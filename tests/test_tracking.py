@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.tracking import init_tracking, owner_tags, reconcile_dead_runs
@@ -50,3 +51,39 @@ def test_a_fresh_store_opened_by_four_processes_at_once(tmp_path):
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-500:] for _, err in outs]
     assert len({out.strip() for out, _ in outs}) == 1  # one experiment, found or created once
+
+
+@pytest.mark.parametrize("statement", ["INSERT INTO metrics", "SELECT"])
+def test_a_stop_inside_a_sqlite_statement_leaves_the_store_writable(tmp_path, statement):
+    """Found in CI: SIGTERM landed inside one of MLflow's sqlite statements; the interrupted connection kept the
+    database locked, so the FAILED statuses on the way out each waited 20 s and failed, and the runs stayed
+    RUNNING. Here the stop exception is raised right after the statement executes, where the signal landed."""
+    import sqlite3
+
+    import mlflow
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "artifacts"),
+                "experiment_name": "stop"}
+    client = MlflowClient(tracking_uri=tracking["tracking_uri"])
+    run = client.create_run(init_tracking(tracking)).info.run_id
+    fired = []
+
+    def stop(conn, cursor, sql, params, context, executemany):
+        if sql.startswith(statement) and not fired:
+            fired.append(sql)
+            raise SystemExit(143)  # what SIGTERM raises (flows.lifecycle); Prefect's TerminationSignal alike
+
+    event.listen(Engine, "after_cursor_execute", stop)
+    try:
+        with pytest.raises(SystemExit):
+            client.log_batch(run, metrics=[mlflow.entities.Metric("a", 1.0, 0, 0)])
+    finally:
+        event.remove(Engine, "after_cursor_execute", stop)
+    assert fired
+    with sqlite3.connect(tmp_path / "mlflow.db", timeout=1) as other:  # another process could write now
+        other.execute("BEGIN EXCLUSIVE")
+        other.rollback()
+    client.set_terminated(run, "FAILED")
+    assert client.get_run(run).info.status == "FAILED"
