@@ -75,7 +75,7 @@ def _finish_interrupted_statement(context: Any) -> None:
 
     cursor = getattr(context.execution_context, "cursor", None)
     if isinstance(context.original_exception, Exception) or not isinstance(cursor, sqlite3.Cursor):
-        return  # an ordinary error: SQLAlchemy closes the cursor and rolls back itself
+        return  # an ordinary error (SQLAlchemy closes the cursor itself), or another database's cursor
     with suppress(sqlite3.Error):
         connection = cursor.connection
         cursor.close()
