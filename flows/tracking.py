@@ -56,7 +56,7 @@ def init_tracking(tracking: dict[str, Any]) -> str:
 
 def release_sqlite_on_stop() -> None:
     """Make a stop (SIGTERM, Ctrl-C, Prefect's TerminationSignal) that lands inside a sqlite statement leave the
-    store writable: SQLAlchemy's `handle_error` hook finishes the statement and rolls its transaction back.
+    store writable: a SQLAlchemy `handle_error` hook closes the interrupted cursor and rolls its transaction back.
 
     SQLAlchemy drops a connection a stop exception interrupted without closing its cursor, and Python's sqlite3
     keeps such a connection open, holding the database's lock, while the cursor lives. Every later write of the

@@ -64,8 +64,7 @@ def test_a_stop_inside_a_sqlite_statement_leaves_the_store_writable(tmp_path, st
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    tracking = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "artifacts"),
-                "experiment_name": "stop"}
+    tracking = _tracking(tmp_path)
     client = MlflowClient(tracking_uri=tracking["tracking_uri"])
     run = client.create_run(init_tracking(tracking)).info.run_id
     fired = []
@@ -82,7 +81,7 @@ def test_a_stop_inside_a_sqlite_statement_leaves_the_store_writable(tmp_path, st
     finally:
         event.remove(Engine, "after_cursor_execute", stop)
     assert fired
-    with sqlite3.connect(tmp_path / "mlflow.db", timeout=1) as other:  # another process could write now
+    with sqlite3.connect(tmp_path / "mlruns" / "mlflow.db", timeout=1) as other:  # another process could write now
         other.execute("BEGIN EXCLUSIVE")
         other.rollback()
     client.set_terminated(run, "FAILED")
