@@ -106,7 +106,9 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API client logs every request
     from flows.config import compose_config
+    from flows.lifecycle import tie_children_to_process
 
+    tie_children_to_process()  # a benchmark stopped by SIGTERM (or killed) takes Prefect's temporary server with it
     device = torch.cuda.get_device_name(0) if cuda else "cpu (--check)"
     results = {"as configured": run(overrides, cuda)}
     if compose_config(overrides)["rl"].get("bf16") and "--no-compare" not in flags:

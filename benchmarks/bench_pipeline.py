@@ -31,8 +31,10 @@ def main(overrides: list[str]) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    from flows.lifecycle import tie_children_to_process
     from flows.pipeline import alignflow
 
+    tie_children_to_process()  # a benchmark stopped by SIGTERM (or killed) takes Prefect's temporary server with it
     t0 = time.monotonic()
     first = alignflow(overrides=overrides)
     first_wall = time.monotonic() - t0
