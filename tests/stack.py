@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,20 +104,32 @@ def sweep_cluster(postgres_uri: str, tmp: Path) -> Iterator[dict[str, str]]:
         wait_healthy(f"{mlflow_url}/health", *mlflow, 180, "mlflow server")
         yield {"mlflow": mlflow_url, "prefect": prefect_url, "postgres": postgres_uri, "logs": str(tmp)}
     finally:  # the workers together, then the servers together (each may take its whole grace to exit)
-        for group in (workers, servers):
+        for group, stop in ((workers, stop_worker), (servers, stop_tree)):
             with ThreadPoolExecutor(max(1, len(group))) as pool:
-                list(pool.map(stop_tree, group))
+                list(pool.map(stop, group))
 
 
-def stop_tree(proc: subprocess.Popen) -> None:
-    """`stop_group`, then SIGKILL what the process had started in sessions of their own (a worker's flow-run
-    processes, should a run still be going), each checked by psutil to be that very process."""
+def stop_worker(proc: subprocess.Popen) -> None:
+    """A Prefect worker that has run flows does not end on one SIGTERM (3.9.1: its CLI asks the worker to stop,
+    which it had not done 15 s later, after the sweeps here); a second signal makes the CLI kill it at once:
+    `stop_tree`'s, a second after this one."""
+    stop_tree(proc, warn_first=True)
+
+
+def stop_tree(proc: subprocess.Popen, warn_first: bool = False) -> None:
+    """`stop_group` (after a first SIGTERM and a second's wait, with `warn_first`), then SIGKILL what the process
+    had started in sessions of their own (a worker's flow-run processes, should a run still be going), each
+    checked by psutil to be that very process."""
     import psutil
 
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
+    if warn_first:
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=1)
     stop_group(proc, grace=15)
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
