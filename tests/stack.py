@@ -8,6 +8,7 @@ workers; `run_sweep()` runs one `alignflow -m …` against them. Everything is s
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -103,23 +104,19 @@ def sweep_cluster(postgres_uri: str, tmp: Path) -> Iterator[dict[str, str]]:
                   "--name", f"worker-{i}")
         wait_healthy(f"{mlflow_url}/health", *mlflow, 180, "mlflow server")
         yield {"mlflow": mlflow_url, "prefect": prefect_url, "postgres": postgres_uri, "logs": str(tmp)}
-    finally:  # the workers together, then the servers together (each may take its whole grace to exit)
-        for group, stop in ((workers, stop_worker), (servers, stop_tree)):
+    finally:  # the workers together (each warned first), then the servers together
+        for group, warn_first in ((workers, True), (servers, False)):
             with ThreadPoolExecutor(max(1, len(group))) as pool:
-                list(pool.map(stop, group))
-
-
-def stop_worker(proc: subprocess.Popen) -> None:
-    """A Prefect worker that has run flows does not end on one SIGTERM (3.9.1: its CLI asks the worker to stop,
-    which it had not done 15 s later, after the sweeps here); a second signal makes the CLI kill it at once:
-    `stop_tree`'s, a second after this one."""
-    stop_tree(proc, warn_first=True)
+                list(pool.map(functools.partial(stop_tree, warn_first=warn_first), group))
 
 
 def stop_tree(proc: subprocess.Popen, warn_first: bool = False) -> None:
-    """`stop_group` (after a first SIGTERM and a second's wait, with `warn_first`), then SIGKILL what the process
-    had started in sessions of their own (a worker's flow-run processes, should a run still be going), each
-    checked by psutil to be that very process."""
+    """`stop_group`, then SIGKILL what the process had started in sessions of their own (a worker's flow-run
+    processes, should a run still be going), each checked by psutil to be that very process.
+
+    `warn_first`: a SIGTERM and a second's wait before `stop_group`'s, for a Prefect worker. One that has run flows
+    does not end on one signal (3.9.1: its CLI asks the worker to stop, which it had not done 15 s later, after the
+    sweeps here); a second makes the CLI kill it at once."""
     import psutil
 
     try:
