@@ -65,11 +65,11 @@ def release_sqlite_on_stop() -> None:
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    if not event.contains(Engine, "handle_error", _finish_interrupted_statement):
-        event.listen(Engine, "handle_error", _finish_interrupted_statement)
+    if not event.contains(Engine, "handle_error", _release_interrupted_cursor):
+        event.listen(Engine, "handle_error", _release_interrupted_cursor)
 
 
-def _finish_interrupted_statement(context: Any) -> None:
+def _release_interrupted_cursor(context: Any) -> None:
     """`handle_error` listener: for a stop exception (not an `Exception`), close the sqlite cursor and roll back."""
     import sqlite3
 
